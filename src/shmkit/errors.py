@@ -1,0 +1,146 @@
+"""Every exception shmkit raises, and the one place errno becomes an exception (lowest layer).
+
+Each class also inherits the matching builtin, so ``except FileNotFoundError`` keeps working
+for code that does not know shmkit. ``OSError`` subclasses are built as
+``(errno, message, name)`` so that ``e.errno`` and ``e.filename`` are set.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import queue as _queue
+
+
+class ShmkitError(Exception):
+    """Base of every failure shmkit reports about the system or a segment."""
+
+
+class SegmentNotFoundError(ShmkitError, FileNotFoundError):
+    """The named segment does not exist: create it first, or check the name and backend."""
+
+
+class SegmentExistsError(ShmkitError, FileExistsError):
+    """A segment with that name already exists: open it, pick another name, or `shmkit rm` it."""
+
+
+class SegmentPermissionError(ShmkitError, PermissionError):
+    """The segment's mode or owner does not allow this access: ask its owner, or open readonly."""
+
+
+class ResourceLimitError(ShmkitError, OSError):
+    """A system limit was hit (memory, /dev/shm space, shmmax, shmmni, open files).
+
+    The message names the limit and where to read or raise it.
+    """
+
+
+class SegmentBusyError(ShmkitError, BufferError):
+    """The mapping cannot be closed while views of it (memoryviews, arrays, locks) are alive.
+
+    Release those views (``del`` them or leave their ``with`` block), then close again.
+    """
+
+
+class WaitTimeoutError(ShmkitError, TimeoutError):
+    """A blocking call gave up after its timeout."""
+
+
+class CorruptSegmentError(ShmkitError):
+    """The segment's contents are not what shmkit wrote: foreign, damaged, or half-initialised.
+
+    Shared memory is untrusted input; shmkit checks it and raises this instead of crashing.
+    Remove the segment with `shmkit rm NAME` and create it again.
+    """
+
+
+class KindMismatchError(ShmkitError, TypeError):
+    """The segment holds another kind of shmkit object (a Queue opened as a Mutex, ...)."""
+
+
+class LockNotOwnedError(ShmkitError, RuntimeError):
+    """A lock was released by a thread that does not hold it."""
+
+
+class MessageTooLargeError(ShmkitError, ValueError):
+    """A message is larger than the channel's limit: split it or create a larger channel."""
+
+
+class Empty(ShmkitError, _queue.Empty):
+    """A non-blocking or timed get found no message."""
+
+
+class Full(ShmkitError, _queue.Full):
+    """A non-blocking or timed put found no room."""
+
+
+class QueueClosed(ShmkitError):
+    """The channel was closed by its producers and every message has been drained."""
+
+
+def describe(name: str, backend: str) -> str:
+    """The way every message names a segment: `'frames' (posix)`."""
+    return f"{name!r} ({backend})"
+
+
+def _limit_hint(backend: str) -> str:
+    if backend == "sysv":
+        return ("System V limits: size per segment /proc/sys/kernel/shmmax, segments "
+                "/proc/sys/kernel/shmmni, total pages /proc/sys/kernel/shmall; raise them with sysctl "
+                "or use backend='posix'")
+    return "free space in /dev/shm (see `df -h /dev/shm`) and memory; remove unused segments with `shmkit gc`"
+
+
+def from_oserror(exc: OSError, *, action: str, name: str, backend: str,
+                 size: int | None = None) -> ShmkitError:
+    """Translate an OSError from a segment operation into the matching shmkit exception.
+
+    Args:
+        exc: the error raised by the syscall.
+        action: what was tried, as a verb phrase ("create", "open", "remove").
+        name: the segment name (or key for System V).
+        backend: "posix", "sysv" or "memfd".
+        size: the requested size in bytes, when it matters.
+
+    Returns:
+        An exception to raise ``from exc``.
+    """
+    what = f"cannot {action} segment {describe(name, backend)}"
+    if size is not None:
+        what = f"cannot {action} segment {name!r} ({backend}, {format_size(size)})"
+    code = exc.errno
+    if code == _errno.ENOENT or (code == _errno.EIDRM):
+        return SegmentNotFoundError(code, f"{what}: no such segment; create it first or check the "
+                                          f"name and backend (`shmkit ls` lists segments)", name)
+    if code == _errno.EEXIST:
+        return SegmentExistsError(code, f"{what}: it already exists; open it, choose another name, "
+                                        f"or remove it with `shmkit rm {name}`", name)
+    if code in (_errno.EACCES, _errno.EPERM):
+        return SegmentPermissionError(code, f"{what}: permission denied by its mode or owner; ask "
+                                            f"its owner to widen the mode, or open it readonly",
+                                      name)
+    if code in (_errno.ENOSPC, _errno.ENOMEM, _errno.EFBIG):
+        return ResourceLimitError(code, f"{what}: not enough shared memory ({exc.strerror}); "
+                                        f"check {_limit_hint(backend)}", name)
+    if code in (_errno.EMFILE, _errno.ENFILE):
+        return ResourceLimitError(code, f"{what}: too many open files; raise `ulimit -n` or close "
+                                        f"segments you no longer use", name)
+    if code == _errno.EINVAL and backend == "sysv":
+        return ResourceLimitError(code, f"{what}: size is outside the kernel's limits or differs "
+                                        f"from the existing segment's; check {_limit_hint(backend)}",
+                                  name)
+    return SegmentOSError(code, f"{what}: {exc.strerror}", name)
+
+
+class SegmentOSError(ShmkitError, OSError):
+    """Any other operating-system failure on a segment; the message carries errno's text."""
+
+
+def format_size(n: int) -> str:
+    """Human size with binary units, as used in messages and the CLI: `2 GiB`, `4 KiB`, `100 B`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            if unit == "B" or n == int(n):
+                return f"{int(n)} {unit}"
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
