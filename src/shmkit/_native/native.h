@@ -54,8 +54,14 @@ int shmkit_futex_wake(_Atomic uint32_t *word, int n);
  * exception set (KeyboardInterrupt and friends). `deadline_ns` is monotonic; -1 = forever. */
 int shmkit_wait_u32(_Atomic uint32_t *word, uint32_t expected, int64_t deadline_ns, int64_t spin_ns);
 
+/* 1 while the process or thread `tid` runs; 0 when it is gone, a zombie, or impossible. */
+int shmkit_task_alive(uint32_t tid);
+/* This thread's kernel task id, cached per thread (reset in a forked child). */
+uint32_t shmkit_gettid(void);
+
 /* Registration of each part's functions and types on the module. */
 int shmkit_init_window(PyObject *module);
+int shmkit_init_liveness(PyObject *module);
 int shmkit_init_atomic(PyObject *module);
 int shmkit_init_futex(PyObject *module);
 int shmkit_init_sysv(PyObject *module);
