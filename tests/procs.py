@@ -18,12 +18,11 @@ def run_python(code: str, *args: object, timeout: float = 30, check: bool = True
                user: int | None = None) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter with `args` as sys.argv[1:] and wait for it.
 
-    With `user=UID` the child drops to that uid (and its primary gid) before running, to test
-    permissions as an unprivileged user while the suite runs as root.
+    With `user=UID` the child drops to that uid (and its primary gid) before running `code`,
+    to test permissions as an unprivileged user while the suite runs as root.
     """
-    cmd = [PYTHON, "-c", code, *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_drop_to(user) if user is not None else None)
+    cmd = [PYTHON, "-c", _as_user(code, user), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"child failed with {proc.returncode}\n--- stdout\n{proc.stdout}"
                              f"\n--- stderr\n{proc.stderr}")
@@ -33,9 +32,9 @@ def run_python(code: str, *args: object, timeout: float = 30, check: bool = True
 def spawn_python(code: str, *args: object, user: int | None = None,
                  stdin=None) -> subprocess.Popen:
     """Start `code` in a fresh interpreter without waiting; pair with `wait_for_line`/`stop`."""
-    cmd = [PYTHON, "-c", code, *map(str, args)]
+    cmd = [PYTHON, "-c", _as_user(code, user), *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=stdin, preexec_fn=_drop_to(user) if user is not None else None)
+                            stdin=stdin)
 
 
 def wait_for_line(proc: subprocess.Popen, expected: str, timeout: float = 30) -> str:
@@ -78,12 +77,15 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> tuple[str, str]:
     return out, err
 
 
-def _drop_to(uid: int):
-    def drop() -> None:
-        import pwd
+# Modules a child may need after dropping privileges: the interpreter can live under a
+# directory (/root/.pyenv) that the unprivileged user cannot read, so import them first.
+_PRELOAD = "errno, json, mmap, pickle, signal, struct, threading, time, numpy, shmkit, shmkit.layout"
 
-        gid = pwd.getpwuid(uid).pw_gid
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-    return drop
+
+def _as_user(code: str, uid: int | None) -> str:
+    """`code` preceded by a privilege drop to `uid` (nothing when uid is None)."""
+    if uid is None:
+        return code
+    return (f"import os as _os, pwd as _pwd, {_PRELOAD}\n"
+            f"_gid = _pwd.getpwuid({uid}).pw_gid\n"
+            f"_os.setgroups([]); _os.setgid(_gid); _os.setuid({uid})\n" + code)

@@ -70,52 +70,141 @@ def read_limit(name: str) -> int | None:
         return None
 
 
+def command(pid: int) -> str | None:
+    """The short command name of `pid` (/proc/PID/comm), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
+def started_at(pid: int) -> float | None:
+    """When `pid` started, in seconds since the epoch, or None if it is gone."""
+    ticks = start_time(pid)
+    if ticks is None:
+        return None
+    return boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(frozen=True)
 class Mapping:
-    """One mapping of a segment in one process, from /proc/PID/maps and smaps."""
+    """One mapping of a segment in one process, from /proc/PID/maps (and smaps for residency)."""
 
     pid: int
     start: int
     end: int
     perms: str
     resident_bytes: int | None
+    path: str = ""
+
+    @property
+    def size(self) -> int:
+        """Length of the mapping in bytes (whole pages)."""
+        return self.end - self.start
 
 
-def _maps_matching(pid: int, match) -> list[tuple[int, int, str, str]]:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.readlines()
-    except OSError:
-        return []
-    found = []
-    for line in lines:
-        parts = line.split(None, 5)
-        if len(parts) < 6:
+@dataclass(frozen=True)
+class MapsScan:
+    """Every shared-memory mapping of every readable process, from one pass over /proc/*/maps.
+
+    POSIX segments are keyed by the (st_dev, st_ino) of their /dev/shm file rather than by
+    path: a name that was removed and created again is a different file, and the processes
+    still mapping the old one (shown as "(deleted)") must not count as mapping the new one.
+    System V attachments are keyed by shmid, which the kernel shows as the inode.
+    """
+
+    posix: dict[tuple[int, int], list[Mapping]]
+    sysv: dict[int, list[Mapping]]
+    unreadable: tuple[int, ...]
+    """Pids whose maps we were not allowed to read (other users' processes, unless root)."""
+
+    def posix_mappers(self, dev: int, inode: int) -> list[Mapping]:
+        """Mappings of the /dev/shm file with this device and inode."""
+        return self.posix.get((dev, inode), [])
+
+    def sysv_mappers(self, shmid: int) -> list[Mapping]:
+        """Attachments of System V segment `shmid`."""
+        return self.sysv.get(shmid, [])
+
+
+_SHM_PREFIX = SHM_DIR + "/"
+
+
+def scan_mappings(pids: list[int] | None = None) -> MapsScan:
+    """Read /proc/PID/maps of every process (or of `pids`) once and index shared memory.
+
+    Processes that exit during the scan are skipped; processes we may not read are listed in
+    `unreadable`. Resident sizes are not read here (see `resident_bytes`).
+    """
+    posix: dict[tuple[int, int], list[Mapping]] = {}
+    sysv: dict[int, list[Mapping]] = {}
+    unreadable = []
+    for pid in all_pids() if pids is None else pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                lines = [line for line in f if _SHM_PREFIX in line or "/SYSV" in line]
+        except PermissionError:
+            unreadable.append(pid)
             continue
-        path = parts[5].rstrip("\n")
-        if match(path, parts[4]):
-            lo, hi = parts[0].split("-")
-            found.append((int(lo, 16), int(hi, 16), parts[1], path))
+        except OSError:
+            continue  # exited meanwhile
+        for line in lines:
+            # "7f58f44ea000-7f58f44ed000 rw-s 00000000 00:1b 3   /dev/shm/name"
+            parts = line.split(None, 5)
+            if len(parts) < 6:
+                continue
+            path = parts[5].rstrip("\n")
+            try:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                inode = int(parts[4])
+            except ValueError:
+                continue
+            mapping = Mapping(pid, lo, hi, parts[1], None, path)
+            if path.startswith(_SHM_PREFIX):
+                posix.setdefault((os.makedev(major, minor), inode), []).append(mapping)
+            elif path.startswith("/SYSV"):
+                sysv.setdefault(inode, []).append(mapping)
+    return MapsScan(posix, sysv, tuple(unreadable))
+
+
+def resident_bytes(pid: int, starts: set[int] | list[int]) -> dict[int, int]:
+    """Resident bytes (smaps Rss) of the mappings of `pid` that begin at `starts`.
+
+    One pass over /proc/PID/smaps; mappings not found (or a process that is gone) are absent
+    from the result.
+    """
+    wanted = set(starts)
+    found: dict[int, int] = {}
+    current = None
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(" ", 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    try:
+                        current = int(head.split("-", 1)[0], 16)
+                    except ValueError:
+                        current = None
+                elif current in wanted and line.startswith("Rss:"):
+                    found[current] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return found
 
 
-def _resident(pid: int, start: int) -> int | None:
-    """Resident bytes of the mapping that starts at `start`, from /proc/PID/smaps."""
-    try:
-        with open(f"/proc/{pid}/smaps") as f:
-            inside = False
-            for line in f:
-                if "-" in line.split(" ", 1)[0] and not line.startswith(("Rss", "Size")):
-                    lo = line.split("-", 1)[0]
-                    try:
-                        inside = int(lo, 16) == start
-                    except ValueError:
-                        inside = False
-                elif inside and line.startswith("Rss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+def with_residency(mappings: list[Mapping]) -> list[Mapping]:
+    """The same mappings with `resident_bytes` filled in from smaps (one read per process)."""
+    by_pid: dict[int, list[Mapping]] = {}
+    for m in mappings:
+        by_pid.setdefault(m.pid, []).append(m)
+    out = []
+    for pid, group in by_pid.items():
+        rss = resident_bytes(pid, [m.start for m in group])
+        out.extend(Mapping(m.pid, m.start, m.end, m.perms, rss.get(m.start), m.path)
+                   for m in group)
+    return sorted(out, key=lambda m: (m.pid, m.start))
 
 
 def all_pids() -> list[int]:
@@ -124,31 +213,43 @@ def all_pids() -> list[int]:
 
 
 def posix_mappers(name: str, *, resident: bool = False) -> list[Mapping]:
-    """Every mapping of /dev/shm/NAME in every process we may read."""
-    path = f"{SHM_DIR}/{name}"
-    deleted = path + " (deleted)"
-    return _mappers(lambda p, _inode: p == path or p == deleted, resident)
+    """Every mapping of the file /dev/shm/NAME in every process we may read.
+
+    Matches by device and inode, so mappings of an earlier segment of the same name that was
+    removed do not count. Returns [] if the name does not exist.
+    """
+    try:
+        st = os.stat(f"{SHM_DIR}/{name}")
+    except OSError:
+        return []
+    found = scan_mappings().posix_mappers(st.st_dev, st.st_ino)
+    return with_residency(found) if resident else found
 
 
 def sysv_mappers(shmid: int, *, resident: bool = False) -> list[Mapping]:
-    """Every attachment of System V segment `shmid` (maps show it as 'SYSV<key> ... inode=shmid')."""
-    return _mappers(lambda p, inode: p.startswith("/SYSV") and inode == str(shmid), resident)
-
-
-def _mappers(match, resident: bool) -> list[Mapping]:
-    out = []
-    for pid in all_pids():
-        for lo, hi, perms, _path in _maps_matching(pid, match):
-            out.append(Mapping(pid, lo, hi, perms, _resident(pid, lo) if resident else None))
-    return out
+    """Every attachment of System V segment `shmid` (maps show 'SYSV<key>' with inode = shmid)."""
+    found = scan_mappings().sysv_mappers(shmid)
+    return with_residency(found) if resident else found
 
 
 def sysv_segments() -> list[dict]:
-    """Rows of /proc/sysvipc/shm as dicts of ints (key, shmid, perms, size, cpid, lpid, nattch...)."""
+    """Rows of /proc/sysvipc/shm as dicts of ints (key, shmid, perms, size, cpid, lpid, nattch...).
+
+    `key` is signed as `shmget` takes it; `perms` is the mode (octal in the file) with the
+    kernel's SHM_DEST/SHM_LOCKED bits; times are seconds since the epoch.
+    """
     try:
         with open("/proc/sysvipc/shm") as f:
-            header = f.readline().split()
-            rows = [dict(zip(header, (int(v) for v in line.split()))) for line in f if line.strip()]
+            columns = f.readline().split()
+            lines = [line.split() for line in f if line.strip()]
     except OSError:
         return []
+    rows = []
+    for values in lines:
+        try:
+            # perms is printed in octal ("%4o"), every other column in decimal.
+            rows.append({col: int(v, 8 if col == "perms" else 10)
+                         for col, v in zip(columns, values)})
+        except ValueError:
+            continue
     return rows

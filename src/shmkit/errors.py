@@ -8,6 +8,7 @@ for code that does not know shmkit. ``OSError`` subclasses are built as
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 import queue as _queue
 
 
@@ -73,6 +74,14 @@ class Full(ShmkitError, _queue.Full):
     """A non-blocking or timed put found no room."""
 
 
+class SharedDictFullError(ShmkitError):
+    """A SharedDict has no room for a new entry: its heap or its key limit is used up.
+
+    The message names how many bytes (or keys) are used and how to get more room: delete
+    keys, or create the dict again with a larger ``capacity_bytes`` or ``max_keys``.
+    """
+
+
 class QueueClosed(ShmkitError):
     """The channel was closed by its producers and every message has been drained."""
 
@@ -91,8 +100,11 @@ def _limit_hint(backend: str) -> str:
 
 
 def from_oserror(exc: OSError, *, action: str, name: str, backend: str,
-                 size: int | None = None) -> ShmkitError:
+                 size: int | None = None, reason: str | None = None) -> ShmkitError:
     """Translate an OSError from a segment operation into the matching shmkit exception.
+
+    The class follows ``exc.errno`` (see `_class_for`); the message says what was tried, on
+    which segment, why it failed and what fixes it.
 
     Args:
         exc: the error raised by the syscall.
@@ -100,6 +112,8 @@ def from_oserror(exc: OSError, *, action: str, name: str, backend: str,
         name: the segment name (or key for System V).
         backend: "posix", "sysv" or "memfd".
         size: the requested size in bytes, when it matters.
+        reason: the caller's more precise explanation (which limit, how much is free),
+            replacing the generic one for this errno.
 
     Returns:
         An exception to raise ``from exc``.
@@ -108,31 +122,48 @@ def from_oserror(exc: OSError, *, action: str, name: str, backend: str,
     if size is not None:
         what = f"cannot {action} segment {name!r} ({backend}, {format_size(size)})"
     code = exc.errno
-    if code == _errno.ENOENT or (code == _errno.EIDRM):
-        return SegmentNotFoundError(code, f"{what}: no such segment; create it first or check the "
-                                          f"name and backend (`shmkit ls` lists segments)", name)
-    if code == _errno.EEXIST:
-        return SegmentExistsError(code, f"{what}: it already exists; open it, choose another name, "
-                                        f"or remove it with `shmkit rm {name}`", name)
-    if code in (_errno.EACCES, _errno.EPERM):
-        return SegmentPermissionError(code, f"{what}: permission denied by its mode or owner; ask "
-                                            f"its owner to widen the mode, or open it readonly",
-                                      name)
-    if code in (_errno.ENOSPC, _errno.ENOMEM, _errno.EFBIG):
-        return ResourceLimitError(code, f"{what}: not enough shared memory ({exc.strerror}); "
-                                        f"check {_limit_hint(backend)}", name)
-    if code in (_errno.EMFILE, _errno.ENFILE):
-        return ResourceLimitError(code, f"{what}: too many open files; raise `ulimit -n` or close "
-                                        f"segments you no longer use", name)
-    if code == _errno.EINVAL and backend == "sysv":
-        return ResourceLimitError(code, f"{what}: size is outside the kernel's limits or differs "
-                                        f"from the existing segment's; check {_limit_hint(backend)}",
-                                  name)
-    return SegmentOSError(code, f"{what}: {exc.strerror}", name)
+    cls = _class_for(code, backend, action)
+    if reason is None:
+        reason = _default_reason(cls, code, name, backend, exc.strerror)
+    return cls(code, f"{what}: {reason}", name)
 
 
 class SegmentOSError(ShmkitError, OSError):
     """Any other operating-system failure on a segment; the message carries errno's text."""
+
+
+def _class_for(code: int | None, backend: str, action: str) -> type:
+    """The shmkit exception class for an errno: the one errno -> class table."""
+    if code in (_errno.ENOENT, _errno.EIDRM):
+        return SegmentNotFoundError
+    if code == _errno.EEXIST:
+        return SegmentExistsError
+    if code in (_errno.EACCES, _errno.EPERM):
+        return SegmentPermissionError
+    if code in (_errno.ENOSPC, _errno.ENOMEM, _errno.EFBIG, _errno.EMFILE, _errno.ENFILE):
+        return ResourceLimitError
+    if code == _errno.EINVAL and backend == "sysv":
+        # shmget(2) while creating: the size is below SHMMIN or above kernel.shmmax.
+        # shmctl(2)/shmat(2) on an existing id: the id is no longer valid (removed meanwhile).
+        return ResourceLimitError if action == "create" else SegmentNotFoundError
+    return SegmentOSError
+
+
+def _default_reason(cls: type, code: int | None, name: str, backend: str,
+                    strerror: str | None) -> str:
+    if cls is SegmentNotFoundError:
+        return "no such segment; create it first or check the name and backend (`shmkit ls` lists segments)"
+    if code == _errno.EEXIST:
+        return f"it already exists; open it, choose another name, or remove it with `shmkit rm {name}`"
+    if code in (_errno.EACCES, _errno.EPERM):
+        return "permission denied by its mode or owner; ask its owner to widen the mode, or open it readonly"
+    if code in (_errno.ENOSPC, _errno.ENOMEM, _errno.EFBIG):
+        return f"not enough shared memory ({strerror}); check {_limit_hint(backend)}"
+    if code in (_errno.EMFILE, _errno.ENFILE):
+        return "too many open files; raise `ulimit -n` or close segments you no longer use"
+    if code == _errno.EINVAL and backend == "sysv":
+        return f"size is outside the kernel's limits; check {_limit_hint(backend)}"
+    return strerror or (_os.strerror(code) if code else "unknown error")
 
 
 def format_size(n: int) -> str:

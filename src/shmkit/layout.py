@@ -6,7 +6,8 @@ Plain `Segment`s have no header. Typed objects (locks, queues, arrays, ...) star
 =======  ====  ==================  ===========================================================
 offset   size  field               meaning
 =======  ====  ==================  ===========================================================
-0        8     magic               b"\\x89SHMKIT\\n": this is a shmkit object
+0        8     magic               b"\\x89SHMKIT\\n": this is a shmkit object; written after
+                                   every other header field (release store)
 8        2     layout_version      version of this table (1); newer versions are refused
 10       2     kind                what the object is (`Kind`)
 12       4     state               0 initialising, 1 ready; written last (release store)
@@ -20,9 +21,16 @@ offset   size  field               meaning
 64       64    params              8 kind-specific u64 values (capacity, parties, ...)
 =======  ====  ==================  ===========================================================
 
-Creation is atomic to observers (DESIGN invariant 3): the creator writes the header with
-state 0, initialises the payload, then publishes state 1 with a release store. An opener that
-finds state 0 waits briefly for a live creator and reports a dead one.
+Creation is atomic to observers (DESIGN invariant 3), in three published steps:
+
+1. the creator writes every field except the magic (which stays zero) with state 0;
+2. it publishes the magic with a release store: from then on the fields are complete;
+3. it initialises the payload, then publishes state 1 with a release store.
+
+An opener reads the magic and the state with acquire loads. A zero magic means "not written
+yet": it waits while the header is still empty or names a live creator. State 0 means "not
+ready yet": it waits while the creator (pid plus start time, so a reused pid does not count)
+is alive, and reports a dead one. Waiting is bounded by `INIT_WAIT_SECONDS`.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import enum
 import os
 import struct
+import sys
 import time
 from dataclasses import dataclass
 
@@ -38,6 +47,10 @@ from .errors import CorruptSegmentError, KindMismatchError, describe
 from .segment import Segment
 
 MAGIC = b"\x89SHMKIT\n"
+# The magic as the u64 that `_native.store_u64` writes, so that the bytes land in order.
+_MAGIC_WORD = int.from_bytes(MAGIC, sys.byteorder)
+MAGIC_OFFSET = 0
+CREATOR_PID_OFFSET = 40
 LAYOUT_VERSION = 1
 HEADER_SIZE = 128
 PAYLOAD_OFFSET = HEADER_SIZE
@@ -51,6 +64,7 @@ INIT_WAIT_SECONDS = 2.0
 
 _FIXED = struct.Struct("<8sHHIQQQIIQQ")
 _PARAMS = struct.Struct(f"<{PARAM_COUNT}Q")
+_CREATOR = struct.Struct("<IIQ")  # creator_pid, reserved, creator_start at offset 40
 assert _FIXED.size + _PARAMS.size == HEADER_SIZE
 
 
@@ -130,6 +144,9 @@ def parse(seg: Segment) -> Header:
     buf = seg.buf
     if seg.size < HEADER_SIZE:
         raise _corrupt(seg, f"is too small ({seg.size} bytes) to be a shmkit object")
+    # acquire: pairs with the release store of the magic in write(); every field read below
+    # is then the one the creator wrote before publishing the magic
+    _native.load_u64(buf, MAGIC_OFFSET)
     (magic, version, kind, _state, segment_size, payload_offset, payload_size, pid, _reserved,
      started, created) = _FIXED.unpack_from(buf, 0)
     state = _native.load_u32(buf, STATE_OFFSET)  # acquire: pairs with the release in publish()
@@ -158,31 +175,39 @@ def parse(seg: Segment) -> Header:
                   started, created, params)
 
 
-def read(seg: Segment, kind: Kind | None, *, wait: float = INIT_WAIT_SECONDS) -> Header:
+def read(seg: Segment, kind: Kind | None, *, wait: float | None = None) -> Header:
     """Check that `seg` is a ready shmkit object of `kind` and return its header.
 
-    Waits up to `wait` seconds for a live creator that is still initialising (or has not yet
-    written the header at all).
+    Waits up to `wait` seconds (default `INIT_WAIT_SECONDS`) while a live creator is still
+    writing the header or initialising the payload, or has not started writing at all.
 
     Raises:
         CorruptSegmentError: not a shmkit object, damaged, or its creator died while
-            initialising it.
+            initialising it (or was still at it when the wait ran out).
         KindMismatchError: it is another kind of shmkit object.
     """
+    wait = INIT_WAIT_SECONDS if wait is None else wait
     deadline = time.monotonic() + wait
+    delay = 0.0005
     while True:
-        try:
-            header = parse(seg)
-        except CorruptSegmentError:
-            # A brand-new segment is all zeroes until its creator writes the header.
-            if time.monotonic() < deadline and _all_zero(seg.buf[:HEADER_SIZE]):
-                time.sleep(0.001)
-                continue
-            raise
+        pending = _unpublished_creator(seg)
+        if pending is not None:
+            # The magic is not there yet: a creator may still be writing the header.
+            if time.monotonic() >= deadline:
+                if pending == 0:
+                    raise _corrupt(seg, f"is not a shmkit object (its header is still empty "
+                                        f"after {wait:g} s)")
+                raise CorruptSegmentError(
+                    f"segment {describe(seg.name, seg.backend)} is still being initialised by "
+                    f"pid {pending} after {wait:g} s; try again later")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+            continue
+        header = parse(seg)
         if kind is not None and header.kind != kind:
             raise KindMismatchError(
-                f"segment {describe(seg.name, seg.backend)} is a {header.kind.label}, not a "
-                f"{kind.label}; open it with shmkit.{header.kind.label}")
+                f"segment {describe(seg.name, seg.backend)} is {_a(header.kind.label)}, not "
+                f"{_a(kind.label)}; open it with shmkit.{header.kind.label}")
         if header.state == STATE_READY:
             return header
         if not _proc.process_alive(header.creator_pid, header.creator_start):
@@ -191,23 +216,54 @@ def read(seg: Segment, kind: Kind | None, *, wait: float = INIT_WAIT_SECONDS) ->
         if time.monotonic() >= deadline:
             raise CorruptSegmentError(
                 f"segment {describe(seg.name, seg.backend)} is still being initialised by pid "
-                f"{header.creator_pid} after {wait:.1f} s; try again later")
-        time.sleep(0.001)
+                f"{header.creator_pid} after {wait:g} s; try again later")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
 
 
-def _all_zero(view: memoryview) -> bool:
-    return not any(view)
+def _a(label: str) -> str:
+    return f"an {label}" if label[0] in "AEIOU" else f"a {label}"
+
+
+def _unpublished_creator(seg: Segment) -> int | None:
+    """Who may still be writing the header of `seg`, while its magic is not published.
+
+    Returns 0 when the header is all zeroes (its creator has not started writing), the
+    creator's pid when the fields name a live process, and None when the magic is there or
+    the bytes cannot be a header in the making (then `parse` says what is wrong).
+    """
+    if seg.size < HEADER_SIZE:
+        return None
+    buf = seg.buf
+    if _native.load_u64(buf, MAGIC_OFFSET) != 0:  # acquire: pairs with write()
+        return None
+    if not any(buf[:HEADER_SIZE]):
+        return 0
+    pid, _reserved, started = _CREATOR.unpack_from(buf, CREATOR_PID_OFFSET)
+    if 0 < pid <= _proc.pid_max() and _proc.process_alive(pid, started):
+        return pid
+    return None
 
 
 def write(seg: Segment, kind: Kind, params: tuple[int, ...] = ()) -> None:
-    """Write a header in state 'initialising' at the start of a freshly created `seg`."""
-    if len(params) > PARAM_COUNT:
-        raise ValueError(f"at most {PARAM_COUNT} header params, got {len(params)}")
-    padded = tuple(params) + (0,) * (PARAM_COUNT - len(params))
-    _FIXED.pack_into(seg.buf, 0, MAGIC, LAYOUT_VERSION, int(kind), STATE_INITIALISING, seg.size,
-                     PAYLOAD_OFFSET, seg.size - PAYLOAD_OFFSET, os.getpid(), 0,
+    """Write a header in state 'initialising' at the start of a freshly created `seg`.
+
+    The magic goes last, with a release store, so an opener that sees it sees every field.
+
+    Raises:
+        ValueError, TypeError: bad kind or params, or `seg` is smaller than the header.
+    """
+    kind = _check_kind(kind)
+    padded = _check_params(params)
+    if seg.size < HEADER_SIZE:
+        raise ValueError(f"segment {describe(seg.name, seg.backend)} has {seg.size} bytes; a "
+                         f"typed segment needs at least {HEADER_SIZE}")
+    buf = seg.buf
+    _FIXED.pack_into(buf, 0, bytes(len(MAGIC)), LAYOUT_VERSION, int(kind), STATE_INITIALISING,
+                     seg.size, PAYLOAD_OFFSET, seg.size - PAYLOAD_OFFSET, os.getpid(), 0,
                      _proc.own_start_time(), time.time_ns())
-    _PARAMS.pack_into(seg.buf, _FIXED.size, *padded)
+    _PARAMS.pack_into(buf, _FIXED.size, *padded)
+    _native.store_u64(buf, MAGIC_OFFSET, _MAGIC_WORD)  # release: publishes the fields above
 
 
 def publish(seg: Segment) -> None:
@@ -215,14 +271,52 @@ def publish(seg: Segment) -> None:
     _native.store_u32(seg.buf, STATE_OFFSET, STATE_READY)
 
 
+def _check_kind(kind: object) -> Kind:
+    if isinstance(kind, bool) or not isinstance(kind, int):
+        raise TypeError(f"kind must be a layout.Kind, not {type(kind).__name__}")
+    try:
+        return Kind(kind)
+    except ValueError:
+        raise ValueError(f"kind {kind} is not a layout.Kind") from None
+
+
+def _check_params(params: object) -> tuple[int, ...]:
+    try:
+        values = tuple(params)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"params must be a sequence of ints, not {type(params).__name__}") from None
+    if len(values) > PARAM_COUNT:
+        raise ValueError(f"at most {PARAM_COUNT} header params, got {len(values)}")
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"header param {i} must be an int, not {type(value).__name__}")
+        if not 0 <= value < 2**64:
+            raise ValueError(f"header param {i} must fit in an unsigned 64-bit int, not {value}")
+    return values + (0,) * (PARAM_COUNT - len(values))
+
+
 def create_typed(name: str, kind: Kind, payload_size: int, params: tuple[int, ...] = (), *,
                  init=None, backend: str = "posix", mode: int = 0o600,
                  **segment_kwargs) -> tuple[Segment, Header]:
     """Create a segment holding a header and `payload_size` bytes, initialise it, publish it.
 
-    `init(seg)` runs between writing the header and publishing it; if it raises, the segment
-    is removed again so nothing half-made is left behind.
+    `init(seg)` runs between writing the header and publishing it; openers in other
+    processes wait for it (up to `INIT_WAIT_SECONDS`). If it raises, the segment is removed
+    again so nothing half-made is left behind.
+
+    Raises:
+        TypeError, ValueError: bad kind, payload_size or params, before any syscall.
+        (and whatever `Segment.create` or `init` raise)
     """
+    _check_kind(kind)
+    _check_params(params)
+    if isinstance(payload_size, bool) or not isinstance(payload_size, int):
+        raise TypeError(f"payload_size must be an int number of bytes, not "
+                        f"{type(payload_size).__name__}")
+    if payload_size < 0:
+        raise ValueError(f"payload_size must be >= 0, not {payload_size}")
+    if init is not None and not callable(init):
+        raise TypeError(f"init must be callable, not {type(init).__name__}")
     seg = Segment.create(name, HEADER_SIZE + payload_size, backend=backend, mode=mode,
                          **segment_kwargs)
     try:
@@ -231,7 +325,10 @@ def create_typed(name: str, kind: Kind, payload_size: int, params: tuple[int, ..
             init(seg)
         publish(seg)
     except BaseException:
-        seg.unlink()
+        try:
+            seg.unlink()
+        except Exception:
+            pass  # removed meanwhile: the original error is the one to report
         try:
             seg.close()
         except Exception:
@@ -244,8 +341,15 @@ def open_typed(name: str, kind: Kind, *, backend: str = "posix", readonly: bool 
                **segment_kwargs) -> tuple[Segment, Header]:
     """Open `name` and check that it is a ready shmkit object of `kind`.
 
-    The segment is closed again if the check fails.
+    Waits up to `INIT_WAIT_SECONDS` for a creator that is still initialising it. The segment
+    is closed again if the check fails.
+
+    Raises:
+        SegmentNotFoundError, SegmentPermissionError: from `Segment.open`.
+        CorruptSegmentError: not a shmkit object, damaged, a newer layout, or never finished.
+        KindMismatchError: it holds another kind (the message names both).
     """
+    kind = _check_kind(kind)
     seg = Segment.open(name, backend=backend, readonly=readonly, **segment_kwargs)
     try:
         return seg, read(seg, kind)

@@ -24,7 +24,22 @@ static int atomic_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
             unsigned long long u = PyLong_AsUnsignedLongLong(args[i]);
             if (u == (unsigned long long)-1 && PyErr_Occurred())
                 return -1;
+            if (size == 4) {
+                PyErr_Format(PyExc_OverflowError, "value %llu does not fit in 32 bits", u);
+                return -1;
+            }
             vals[i - 2] = (long long)u;
+        }
+    }
+    /* A 32-bit word takes a u32 or an i32 (so add_u32(..., -1) decrements); anything wider
+     * would be silently truncated. */
+    if (size == 4) {
+        for (Py_ssize_t i = 2; i < nargs; i++) {
+            if (vals[i - 2] < -(1LL << 31) || vals[i - 2] > (long long)UINT32_MAX) {
+                PyErr_Format(PyExc_OverflowError, "value %lld does not fit in 32 bits",
+                             vals[i - 2]);
+                return -1;
+            }
         }
     }
     return shmkit_window_get(args[0], offset, size, size, writable, w);

@@ -99,6 +99,12 @@ static int attachment_init(SysVAttachment *self, PyObject *args, PyObject *kwarg
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    /* The size comes from the kernel, but kernel.shmmax allows sizes a buffer cannot describe. */
+    if (ds.shm_segsz == 0 || ds.shm_segsz > (size_t)PY_SSIZE_T_MAX) {
+        errno = EFBIG;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     void *addr = shmat(id, NULL, readonly ? SHM_RDONLY : 0);
     if (addr == (void *)-1) {
         PyErr_SetFromErrno(PyExc_OSError);
