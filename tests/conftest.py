@@ -7,6 +7,7 @@ exists at the end with what existed at the start and fails the run on any differ
 from __future__ import annotations
 
 import os
+import re
 import sys
 import uuid
 
@@ -33,12 +34,20 @@ def pytest_sessionstart(session):
 
 def pytest_sessionfinish(session, exitstatus):
     posix, sysv = _snapshot()
-    leaked_posix = sorted(posix - _before[0])
+    # Names made by another concurrent test run (another pytest pid) are not ours to report.
+    leaked_posix = sorted(n for n in posix - _before[0]
+                          if not n.startswith(NAME_PREFIX) or _made_by_this_run(n))
     leaked_sysv = sorted(sysv - _before[1])
     if leaked_posix or leaked_sysv:
         sys.stderr.write(f"\nLEAK: the test run left shared memory behind: /dev/shm "
                          f"{leaked_posix}, System V shmids {leaked_sysv}\n")
         session.exitstatus = 1
+
+
+def _made_by_this_run(name: str) -> bool:
+    """Whether a test-prefixed name came from this pytest process (see `unique_name`)."""
+    match = re.match(rf"{NAME_PREFIX}\D*(\d+)-", name)
+    return match is not None and int(match.group(1)) == os.getpid()
 
 
 def unique_name(tag: str = "") -> str:

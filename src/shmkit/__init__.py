@@ -17,21 +17,51 @@ from .errors import (
     SegmentNotFoundError,
     SegmentOSError,
     SegmentPermissionError,
+    SharedDictFullError,
     ShmkitError,
     WaitTimeoutError,
 )
+from .dict import SharedDict
 from .segment import Segment, sysv_key
+from .sync import (
+    AtomicInt,
+    AtomicU32,
+    Barrier,
+    BrokenBarrierError,
+    Condition,
+    Event,
+    Mutex,
+    RWLock,
+    Semaphore,
+)
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # SharedArray needs numpy: import it (and numpy) only when first used.
+    if name == "SharedArray":
+        from .array import SharedArray
+        return SharedArray
+    raise AttributeError(f"module 'shmkit' has no attribute {name!r}")
+
+
 __all__ = [
+    "AtomicInt",
+    "AtomicU32",
+    "Barrier",
+    "BrokenBarrierError",
+    "Condition",
     "CorruptSegmentError",
     "Empty",
+    "Event",
     "Full",
     "KindMismatchError",
     "LockNotOwnedError",
     "MessageTooLargeError",
+    "Mutex",
     "QueueClosed",
+    "RWLock",
     "ResourceLimitError",
     "Segment",
     "SegmentBusyError",
@@ -39,6 +69,10 @@ __all__ = [
     "SegmentNotFoundError",
     "SegmentOSError",
     "SegmentPermissionError",
+    "Semaphore",
+    "SharedArray",
+    "SharedDict",
+    "SharedDictFullError",
     "ShmkitError",
     "WaitTimeoutError",
     "sysv_key",

@@ -86,6 +86,39 @@ class QueueClosed(ShmkitError):
     """The channel was closed by its producers and every message has been drained."""
 
 
+class LaggedError(ShmkitError):
+    """A Broadcast subscriber fell behind and the publisher overwrote messages it had not read.
+
+    Raised by receive calls under the "overwrite" policy. ``missed`` is the exact number of
+    messages skipped; the subscriber has already moved on to the oldest retained message, so
+    the next receive returns it. Read faster, batch with ``receive_many``, create the
+    broadcast with a larger capacity, or use the "block" policy.
+    """
+
+    def __init__(self, message: str = "", missed: int = 0) -> None:
+        super().__init__(message)
+        self.missed = missed
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.missed))
+
+
+class EvictedError(ShmkitError):
+    """A Broadcast subscriber lost its slot: the publisher evicted it ("block" policy).
+
+    It happens when the publisher waited on the subscriber for longer than the grace period
+    without progress. Subscribe again to continue from the newest messages.
+    """
+
+
+class PublisherExistsError(ShmkitError):
+    """The Broadcast already has a live publisher, or this process lost the publisher role.
+
+    Only one publisher may hold the role at a time; a dead holder's role is taken over
+    automatically by the next ``publisher()`` call. Close the other publisher first.
+    """
+
+
 def describe(name: str, backend: str) -> str:
     """The way every message names a segment: `'frames' (posix)`."""
     return f"{name!r} ({backend})"

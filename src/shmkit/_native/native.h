@@ -66,6 +66,8 @@ int shmkit_init_atomic(PyObject *module);
 int shmkit_init_futex(PyObject *module);
 int shmkit_init_sysv(PyObject *module);
 int shmkit_init_mutex(PyObject *module);
+int shmkit_init_sync(PyObject *module);
 int shmkit_init_ring(PyObject *module);
+int shmkit_init_table(PyObject *module);
 
 #endif
