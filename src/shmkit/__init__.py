@@ -6,10 +6,13 @@ Public names only; each lives in the module named in docs/architecture.md.
 from .errors import (
     CorruptSegmentError,
     Empty,
+    EvictedError,
     Full,
     KindMismatchError,
+    LaggedError,
     LockNotOwnedError,
     MessageTooLargeError,
+    PublisherExistsError,
     QueueClosed,
     ResourceLimitError,
     SegmentBusyError,
@@ -21,6 +24,7 @@ from .errors import (
     ShmkitError,
     WaitTimeoutError,
 )
+from .broadcast import Broadcast, Latest
 from .dict import SharedDict
 from .segment import Segment, sysv_key
 from .sync import (
@@ -47,6 +51,11 @@ def __getattr__(name):
 
 
 __all__ = [
+    "Broadcast",
+    "EvictedError",
+    "LaggedError",
+    "Latest",
+    "PublisherExistsError",
     "AtomicInt",
     "AtomicU32",
     "Barrier",

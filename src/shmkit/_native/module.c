@@ -15,7 +15,7 @@ PyMODINIT_FUNC PyInit__native(void)
         return NULL;
     if (shmkit_init_window(m) < 0 || shmkit_init_liveness(m) < 0 || shmkit_init_atomic(m) < 0 || shmkit_init_futex(m) < 0 || shmkit_init_sysv(m) < 0 ||
         shmkit_init_mutex(m) < 0 || shmkit_init_sync(m) < 0 || shmkit_init_ring(m) < 0 ||
-        shmkit_init_table(m) < 0) {
+        shmkit_init_table(m) < 0 || shmkit_init_bcast(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -69,5 +69,6 @@ int shmkit_init_mutex(PyObject *module);
 int shmkit_init_sync(PyObject *module);
 int shmkit_init_ring(PyObject *module);
 int shmkit_init_table(PyObject *module);
+int shmkit_init_bcast(PyObject *module);
 
 #endif
