@@ -15,7 +15,7 @@ from procs import run_python
 
 from shmkit import CorruptSegmentError, KindMismatchError, SegmentBusyError, SegmentNotFoundError
 from shmkit import layout, segment
-from shmkit.array import META_OFFSET, SharedArray, _lock_class, describe_state
+from shmkit.array import LOCK_OFFSET, META_OFFSET, SharedArray, _lock_class, describe_state
 
 STRUCT = np.dtype([("id", "<u4"), ("pos", "<f8", (3,)), ("tag", "S6"),
                    ("inner", [("a", "u1"), ("when", "<M8[ns]")])], align=True)
@@ -182,11 +182,26 @@ def test_zero_length_array(seg_name):
     ({"shape": (2, "x"), "dtype": "f8"}, TypeError),
     ({"shape": 3, "dtype": "f8", "order": "K"}, ValueError),
     ({"shape": 3, "dtype": [("a", "O")]}, TypeError),
+    ({"shape": (0, 2**64), "dtype": "u1"}, ValueError),      # numpy refuses the dimension
+    ({"shape": (2**62, 2**62), "dtype": "u1"}, ValueError),  # and the size
 ])
 def test_bad_arguments_raise_before_creating(seg_name, kwargs, exc):
     with pytest.raises(exc):
         SharedArray.create(seg_name, **kwargs)
     assert not segment.exists(seg_name)
+
+
+def test_damaged_dimension_numpy_refuses_raises_corrupt_on_open(seg_name):
+    # An empty array can claim any dimensions and still match its 0 data bytes; numpy's own
+    # refusal must come out as CorruptSegmentError, not as a busy segment that stays open.
+    a = SharedArray.create(seg_name, (0, 4 * 10**18), "u1")
+    meta = bytes(a.segment.buf[META_OFFSET:META_OFFSET + 200]).split(b"\0")[0]
+    damaged = meta.replace(b"4" + b"0" * 18, b"9" * 19)  # same length, above 2**63 - 1
+    assert damaged != meta
+    _damage(seg_name, META_OFFSET, damaged)
+    with pytest.raises(CorruptSegmentError, match="exceeds numpy"):
+        SharedArray.open(seg_name)
+    a.unlink()
 
 
 def test_opening_another_kind_raises_kind_mismatch(seg_name):
@@ -223,6 +238,25 @@ def test_lock_is_shared_with_other_processes(seg_name):
                    seg_name, timeout=60)
         with a.lock.read():
             assert list(a) == [2, 2, 2, 2]
+    finally:
+        a.unlink()
+
+
+@pytest.mark.skipif(_lock_class() is None, reason="shmkit.sync.RWLock is not available yet")
+def test_damaged_lock_slot_count_cannot_reach_metadata_or_elements(seg_name):
+    from shmkit import _native
+    a = SharedArray.create(seg_name, 4096, "u1")
+    try:
+        seg = a.segment
+        before = bytes(seg.buf[META_OFFSET:])
+        # 200 reader slots would take 3240 bytes: far past the 1024-byte lock area
+        _native.store_u32(seg.buf, LOCK_OFFSET + _lock_class()._SLOTS_OFFSET, 200)
+        with pytest.raises(CorruptSegmentError, match="lock area"):
+            a.lock
+        assert bytes(seg.buf[META_OFFSET:]) == before  # metadata and elements untouched
+        b = SharedArray.open(seg_name)  # the elements still read
+        assert not b.any()
+        del b
     finally:
         a.unlink()
 

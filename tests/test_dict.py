@@ -458,6 +458,46 @@ def test_threads_share_one_dict(d):
     d.check()
 
 
+def test_write_from_a_finalizer_run_under_the_writer_lock_is_refused(names):
+    # A locked call allocates Python objects (here the pairs of a snapshot); the garbage
+    # collector can run there, and a finalizer may use the same dict. Its write finds the
+    # lock word naming this very thread: taking it "over" (as from a dead task that reused
+    # our id) would let the outer call go on without the lock once the inner one released it.
+    import gc
+    d = SharedDict.create(names("fin"), capacity_bytes=1 << 20, max_keys=6000)
+    for i in range(5000):  # more pairs than the tuple free list holds: real allocations
+        d[f"k{i}"] = b"v%d" % i
+    me = threading.get_native_id()
+    seen = []
+
+    def during_gc(phase, info):
+        if phase != "start" or d._t.stats()["lock_owner_tid"] != me:
+            return
+        try:
+            d["from-gc"] = b"x"
+            seen.append("written")
+        except RuntimeError as exc:
+            seen.append(exc)
+        seen.append(d._t.stats()["lock_owner_tid"] == me)  # still ours afterwards
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(during_gc)
+    gc.set_threshold(50)
+    try:
+        snap = d.snapshot()
+    finally:
+        gc.callbacks.remove(during_gc)
+        gc.set_threshold(*threshold)
+    assert seen, "no collection ran while the snapshot held the lock"
+    assert all(isinstance(x, RuntimeError) for x in seen[0::2])
+    assert "own call" in str(seen[0]) and all(seen[1::2])
+    assert len(snap) == 5000 and "from-gc" not in d
+    assert d.stats()["writer_lock_pid"] is None
+    d["after"] = b"ok"  # the lock works normally afterwards
+    d.check()
+    d.close()
+
+
 def test_close_then_use_raises_and_stats_for_inspect(d, seg_name):
     d["k"] = b"v"
     seg = segment.Segment.open(seg_name, readonly=True)

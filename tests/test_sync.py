@@ -324,6 +324,37 @@ def test_close_while_a_thread_waits_inside_raises_busy(seg_name):
     ev.unlink()
 
 
+def test_forked_child_can_close_what_a_parent_thread_waits_in(seg_name, names):
+    # The parent thread blocked inside the call does not exist in the child: the child's
+    # copy must not count it (before, close() raised SegmentBusyError there forever).
+    import os
+    ev = Event.create(seg_name)
+    m = Mutex.create(names("m"))
+    holder = m.acquire()
+    t, out = in_thread(ev.wait, LONG)
+    t2, out2 = in_thread(m.acquire, True, LONG)
+    _wait_until(lambda: ev.waiters == 1 and m.waiters == 1)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        code = 1
+        try:
+            ev.close()
+            m.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with pytest.raises(SegmentBusyError):  # here the threads are still inside
+        ev.close()
+    ev.set()
+    assert holder and joined(t, out) is True
+    m.release()
+    assert joined(t2, out2) is True
+    ev.close()
+    m.close()
+
+
 def _wait_until(pred, timeout=LONG):
     import time
     deadline = time.monotonic() + timeout
@@ -563,6 +594,32 @@ def test_barrier_validates_parties(seg_name):
         Barrier.create(seg_name, "3")
 
 
+def test_barrier_slow_action_longer_than_a_sleep_slice_does_not_break_it(seg_name):
+    # Waiters check the completer's liveness after each sleep slice: a live one that takes
+    # its time must not be mistaken for a dead one.
+    import time
+    b = Barrier.create(seg_name, 2, action=lambda: time.sleep(0.3))
+    ts = [in_thread(b.wait, LONG) for _ in range(2)]
+    assert sorted(joined(t, out) for t, out in ts) == [0, 1]
+    assert not b.broken
+    b.close()
+
+
+def test_barrier_completes_from_its_own_arrival_even_if_parties_changes(seg_name):
+    # The last party completes the round from the exact state it made, not from `parties`
+    # re-read from shared memory: a damaged count cannot leave the other parties waiting.
+    b = Barrier.create(seg_name, 2)
+    damage = lambda: _native.store_u32(b.segment.buf, b.offset, 3)  # noqa: E731
+    b2 = Barrier.open(seg_name, action=damage)
+    t, out = in_thread(b.wait, LONG)
+    _wait_until(lambda: b.n_waiting == 1)
+    assert b2.wait(LONG) == 1
+    assert joined(t, out) == 0
+    assert not b.broken
+    b2.close()
+    b.close()
+
+
 # ---- RWLock -----------------------------------------------------------------------------------
 
 def test_rwlock_readers_share_writers_exclude(seg_name):
@@ -583,6 +640,56 @@ def test_rwlock_readers_share_writers_exclude(seg_name):
         t, out = in_thread(rw.acquire_write, False)
         assert joined(t, out) is False
     assert rw.writer_pid == 0
+    rw.close()
+
+
+def test_rwlock_recursive_read_gets_in_while_a_writer_waits(seg_name):
+    # The writer holds the mutex while it waits for readers to leave: a recursive read that
+    # queued behind it would wait for itself (until its timeout, or forever).
+    rw = RWLock.create(seg_name, max_readers=4)
+    other = RWLock.open(seg_name)  # another object on the same memory: its own slot hint
+    assert rw.acquire_read(timeout=LONG)
+    t, out = in_thread(rw.acquire_write, True, LONG)
+    _wait_until(lambda: rw.state()["writer_waiting"])
+    assert rw.acquire_read(timeout=LONG) is True
+    assert other.acquire_read(timeout=LONG) is True
+    with rw.read(timeout=LONG):
+        assert rw.readers == 4
+    assert rw.acquire_read(blocking=False) is True
+    for _ in range(4):
+        rw.release_read()
+    assert joined(t, out) is True  # the writer gets in once every read is gone
+    assert rw.readers == 0
+    t, out = in_thread(rw.release_write)
+    assert isinstance(joined(t, out), LockNotOwnedError)  # held by the writer thread, not us
+    other.close()
+    rw.close()
+
+
+def test_rwlock_first_read_still_waits_for_a_waiting_writer(seg_name):
+    # Writers stay preferred: only a thread that already reads passes a waiting writer.
+    rw = RWLock.create(seg_name, max_readers=4)
+    assert rw.acquire_read(timeout=LONG)
+    t, out = in_thread(rw.acquire_write, True, LONG)
+    _wait_until(lambda: rw.state()["writer_waiting"])
+    t2, out2 = in_thread(rw.acquire_read, True, 0.05)
+    assert joined(t2, out2) is False
+    rw.release_read()
+    assert joined(t, out) is True
+    rw.close()
+
+
+def test_rwlock_nowait_forms_raise_wait_timeout(seg_name):
+    rw = RWLock.create(seg_name)
+    rw.acquire_read_nowait()
+    t, out = in_thread(rw.acquire_write_nowait)
+    err = joined(t, out)
+    assert isinstance(err, WaitTimeoutError) and "write-lock" in str(err)
+    rw.release_read()
+    rw.acquire_write_nowait()
+    t, out = in_thread(rw.acquire_read_nowait)
+    assert isinstance(joined(t, out), WaitTimeoutError)
+    rw.release_write()
     rw.close()
 
 

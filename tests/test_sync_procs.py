@@ -14,7 +14,7 @@ import sys
 import threading
 
 import pytest
-from procs import run_python, spawn_python, stop, wait_for_line
+from procs import kill, run_python, spawn_python, stop, wait_for_line
 
 from shmkit import (
     AtomicInt,
@@ -29,6 +29,7 @@ from shmkit import (
 )
 
 LONG = 30.0
+
 PRELUDE = "import os, sys, time, signal, struct\nimport shmkit\nfrom shmkit import *\n"
 
 
@@ -280,6 +281,57 @@ def test_barrier_party_that_never_arrives_breaks_it_by_timeout(names):
     b.close()
 
 
+def test_barrier_last_party_killed_in_action_breaks_it_for_the_others(names):
+    # No timeout anywhere: before, the survivors waited for the dead completer forever.
+    b = Barrier.create(names("bar"), 3)
+    early = _start_waiters(b, 2)
+    _until(lambda: b.n_waiting == 2)
+    child = spawn_python(PRELUDE + "def act():\n    print('in action', flush=True)\n"
+                         "    time.sleep(60)\n"
+                         "b = Barrier.open(sys.argv[1], action=act)\nb.wait()\n", b.name)
+    try:
+        wait_for_line(child, "in action", timeout=LONG)
+    finally:
+        kill(child)
+    assert [type(r) for r in _results(early)] == [BrokenBarrierError] * 2
+    assert b.broken
+    b.reset()  # usable again
+    assert sorted(_results(_start_waiters(b, 3))) == [0, 1, 2]
+    b.close()
+
+
+def _start_waiters(b, n: int) -> list:
+    """n threads calling b.wait(); pair with `_results`."""
+    runs = []
+    for _ in range(n):
+        outs: list = []
+
+        def run(outs=outs):
+            try:
+                outs.append(b.wait())
+            except BaseException as exc:  # checked by the test
+                outs.append(exc)
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        runs.append((t, outs))
+    return runs
+
+
+def _results(runs) -> list:
+    for t, _outs in runs:
+        t.join(LONG)
+        assert not t.is_alive(), "a party still waits at the barrier"
+    return [outs[0] for _t, outs in runs]
+
+
+def _until(pred, timeout: float = LONG) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.001)
+
+
 def test_rwlock_readers_concurrent_writer_excluded_across_processes(names):
     rw = RWLock.create(names("rw"))
     reader = spawn_python(PRELUDE + "rw = RWLock.open(sys.argv[1])\n"
@@ -318,6 +370,66 @@ def test_rwlock_consistency_under_mixed_load(names):
     outs = run_all(code, (seg.name, "w"), (seg.name, "r"), (seg.name, "r"), (seg.name, "w"))
     assert [int(o) for o in outs] == [0, 0, 0, 0]
     assert struct.unpack_from("<qq", seg.buf, 1024) == (6000, 6000)
+    seg.close()
+
+
+def test_rwlock_recursive_readers_and_writers_stay_exclusive_across_processes(names):
+    # Threads of two processes mix writes, nested reads (which pass waiting writers without
+    # the mutex) and release_read() calls by threads that hold no read (which must raise and
+    # must not take another thread's read away, even as that thread reuses their old slot).
+    _rwlock_exclusion_run(names, rounds=20000)
+
+
+@pytest.mark.soak
+def test_rwlock_exclusion_soak(names):
+    # The slot hand-over races need many rounds to show (a few per million operations).
+    _rwlock_exclusion_run(names, rounds=600000)
+
+
+def _rwlock_exclusion_run(names, rounds: int) -> None:
+    seg = Segment.create(names("rwdata"), 4096)
+    # Fewer slots than threads: slots change hands all the time, which is where the races
+    # were (a read that finds every slot busy raises ResourceLimitError and is skipped).
+    RWLock.create_at(seg, 0, max_readers=3).close()
+    code = ("import random, threading\n"
+            "seg = Segment.open(sys.argv[1]); rw = RWLock.at(seg, 0)\n"
+            "a = AtomicInt.at(seg, 1024)  # +1000 while a writer is inside, +1 per read\n"
+            "bad = []\n"
+            "def run(seed):\n"
+            "    r = random.Random(seed)\n"
+            "    for _ in range(int(sys.argv[3])):\n"
+            "        x = r.random()\n"
+            "        if x < 0.2:\n"
+            "            assert rw.acquire_write(timeout=30)\n"
+            "            if a.add(1000) != 0: bad.append('writer with others inside')\n"
+            "            a.add(-1000); rw.release_write()\n"
+            "        elif x < 0.3:\n"
+            "            try:\n"
+            "                rw.release_read(); bad.append('released a read it did not hold')\n"
+            "            except shmkit.LockNotOwnedError:\n"
+            "                pass\n"
+            "        else:\n"
+            "            try:\n"
+            "                rw.acquire_read(timeout=30) or bad.append('read timed out')\n"
+            "            except shmkit.ResourceLimitError:\n"
+            "                continue\n"
+            "            depth = r.choice((1, 2, 3))\n"
+            "            for _ in range(depth - 1):\n"
+            "                rw.acquire_read(timeout=30) or bad.append('read timed out')\n"
+            "            if a.add(depth) >= 1000: bad.append('reader with a writer inside')\n"
+            "            a.add(-depth)\n"
+            "            for _ in range(depth):\n"
+            "                rw.release_read()\n"
+            "ts = [threading.Thread(target=run, args=(i + 10 * int(sys.argv[2]),)) for i in range(3)]\n"
+            "for t in ts: t.start()\n"
+            "for t in ts: t.join()\n"
+            "print(len(bad), bad[:3])\n")
+    outs = run_all(code, (seg.name, 1, rounds), (seg.name, 2, rounds), timeout=600)
+    assert [o.strip() for o in outs] == ["0 []", "0 []"]
+    assert struct.unpack_from("<q", seg.buf, 1024) == (0,)
+    rw = RWLock.at(seg, 0)
+    assert rw.readers == 0 and rw.writer_pid == 0
+    rw.close()
     seg.close()
 
 

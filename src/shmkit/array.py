@@ -46,6 +46,7 @@ DATA_ALIGNMENT = 64
 META_MAX = 1 << 20                           # a structured dtype description never needs more
 _DTYPE_DEPTH_MAX = 32
 _MAX_DIMS = 64                               # numpy's own limit (NPY_MAXDIMS in numpy 2)
+_INTP_MAX = 2**63 - 1                        # numpy's largest dimension and byte size
 
 # A plain dtype string as numpy's dtype.str writes it: byte order, kind letter, item size,
 # optional datetime unit ("<M8[ns]"). Anything else in a segment is refused before numpy sees it.
@@ -129,6 +130,22 @@ def _check_dtype(dtype) -> np.dtype:
     return dt
 
 
+def _shape_problem(dims, itemsize: int) -> str | None:
+    """Why numpy cannot make an array of `dims` x `itemsize` bytes (None: it can).
+
+    numpy refuses a dimension above 2**63 - 1, and a size whose product overflows even when
+    counting zero-length dimensions as 1 ("array is too big").
+    """
+    total = itemsize
+    for n in dims:
+        if n > _INTP_MAX:
+            return f"dimension {n} exceeds numpy's limit of {_INTP_MAX}"
+        total *= max(n, 1)
+    if total > _INTP_MAX:
+        return f"{' x '.join(map(str, dims))} elements of {itemsize} bytes exceed numpy's limit"
+    return None
+
+
 def _check_shape(shape) -> tuple[int, ...]:
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         shape = (shape,)
@@ -185,7 +202,16 @@ class _Mapping:
                 raise RuntimeError(f"SharedArray {describe(self.segment.name, self.segment.backend)} "
                                    f"is attached readonly: taking its lock needs write access; "
                                    f"open it with readonly=False")
-            self._lock = cls.at(self.segment, self.lock_offset)
+            # Bounded by the lock area: a damaged slot count must not let readers write
+            # into the metadata or the elements.
+            try:
+                self._lock = cls.at(self.segment, self.lock_offset, size_limit=LOCK_AREA)
+            except CorruptSegmentError:
+                seg = self.segment
+                raise CorruptSegmentError(
+                    f"SharedArray {describe(seg.name, seg.backend)} is damaged: its lock area "
+                    f"does not hold a valid RWLock; the elements may still be read, but remove "
+                    f"it with `shmkit rm {seg.name}` and create it again") from None
         return self._lock
 
 
@@ -226,6 +252,9 @@ def _read_meta(seg: Segment, header: layout.Header) -> tuple[np.dtype, tuple[int
             raise ValueError(f"bad order {order!r}")
         if dt.hasobject or dt.itemsize == 0:
             raise ValueError(f"dtype {dt} cannot live in shared memory")
+        problem = _shape_problem(shape, dt.itemsize)
+        if problem is not None:
+            raise ValueError(problem)
     except (ValueError, TypeError, KeyError, RecursionError, UnicodeDecodeError) as exc:
         raise corrupt(f"unreadable metadata ({exc})") from None
     expected = math.prod(shape) * dt.itemsize
@@ -291,6 +320,9 @@ class SharedArray(np.ndarray):
         dt = _check_dtype(dtype)
         if order not in ("C", "F"):
             raise ValueError(f"order must be 'C' or 'F', not {order!r}")
+        problem = _shape_problem(dims, dt.itemsize)
+        if problem is not None:
+            raise ValueError(f"cannot create SharedArray {name!r} of shape {dims}: {problem}")
         meta = json.dumps({"dtype": _encode_dtype(dt), "shape": list(dims), "order": order},
                           separators=(",", ":")).encode()
         if len(meta) > META_MAX:
@@ -312,7 +344,12 @@ class SharedArray(np.ndarray):
 
         seg, header = layout.create_typed(name, Kind.ARRAY, payload, params, init=init,
                                           backend=backend, mode=mode)
-        return cls._from_segment(seg, header)
+        try:
+            return cls._from_segment(seg, header)
+        except BaseException:
+            seg.unlink()  # we just made it: leave nothing half-usable behind
+            seg.close()
+            raise
 
     @classmethod
     def open(cls, name: str, *, readonly: bool = False, backend: str = "posix") -> "SharedArray":
@@ -356,7 +393,11 @@ class SharedArray(np.ndarray):
     @classmethod
     def _from_segment(cls, seg: Segment, header: layout.Header) -> "SharedArray":
         mapping, dt, shape, order = _attach(seg, header)
-        arr = np.ndarray.__new__(cls, shape, dt, buffer=mapping.data, order=order)
+        try:
+            arr = np.ndarray.__new__(cls, shape, dt, buffer=mapping.data, order=order)
+        except BaseException:
+            _drop(mapping)
+            raise
         arr._shm = mapping
         if seg.readonly:
             arr.flags.writeable = False
@@ -451,7 +492,11 @@ def _rebuild(name: str, backend: str, readonly: bool, start: int, shape, strides
     seg, header = layout.open_typed(name, Kind.ARRAY, backend=backend, readonly=readonly)
     try:
         mapping, _dt, _shape, _order = _attach(seg, header)
-        arr = _view_at(mapping, start, shape, strides, dtype)
+        try:
+            arr = _view_at(mapping, start, shape, strides, dtype)
+        except BaseException:
+            _drop(mapping)
+            raise
         arr._shm = mapping
     except BaseException:
         seg.close()
@@ -459,6 +504,14 @@ def _rebuild(name: str, backend: str, readonly: bool, start: int, shape, strides
     if readonly or not writeable:
         arr.flags.writeable = False
     return arr
+
+
+def _drop(mapping: _Mapping) -> None:
+    """Release the data window of a mapping no array uses, so its segment can be closed."""
+    try:
+        mapping.data.release()
+    except BufferError:  # something still exports it: the segment's close will say so
+        pass
 
 
 def _view_at(mapping: _Mapping, start: int, shape, strides, dtype) -> SharedArray:

@@ -74,6 +74,7 @@ _TOO_LARGE = _native.DICT_TOO_LARGE
 _BUSY = _native.DICT_BUSY
 _BAD_KEY = _native.DICT_BAD_KEY
 _CLOSED = _native.DICT_CLOSED
+_REENTERED = _native.DICT_REENTERED
 
 _RAW = 0      # value stored as the bytes themselves
 _PICKLED = 1  # value stored as a protocol-5 pickle
@@ -488,6 +489,11 @@ class SharedDict(MutableMapping):
                                                         f"readonly=False", self._seg.name)
         if status == _CLOSED:
             return ValueError(f"SharedDict {where} is closed")
+        if status == _REENTERED:
+            return RuntimeError(f"cannot use SharedDict {where} from code that runs inside "
+                                f"this thread's own call on it (a __del__ method or gc callback "
+                                f"started while it held the writer lock); defer that work, "
+                                f"e.g. to a queue drained outside the finalizer")
         return RuntimeError(f"SharedDict {where}: unexpected status {status}")
 
     def _full_error(self, status: int, key, value) -> SharedDictFullError:

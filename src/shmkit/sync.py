@@ -37,7 +37,8 @@ Condition  32      Mutex (24), seq, waiters
 RWLock     40+16n  Mutex (24), slots n, drain, writer_waiting, reserved,
                    n x {tid, count, start, reserved}
 Barrier    32      parties, state (count | generation<<16 | reset<<30 | broken<<31),
-                   waiters, reserved, default timeout ns (u64, all ones: none), reserved
+                   waiters, completer (tid of the last party while the round completes),
+                   default timeout ns (u64, all ones: none), completer_start, reserved
 AtomicInt  8       value (i64)
 AtomicU32  8       value, waiters
 =========  ======  ===============================================================
@@ -629,6 +630,14 @@ class Condition(_Placed):
     def _extra_state(self) -> dict:
         return {} if self._own_lock else {"mutex": self._lock}
 
+    def acquire_nowait(self) -> None:
+        """Take the condition's lock if it is free right now.
+
+        Raises:
+            WaitTimeoutError: another thread holds it.
+        """
+        self._lock.acquire_nowait()
+
     def __enter__(self) -> "Condition":
         self._lock.__enter__()
         return self
@@ -726,9 +735,11 @@ class RWLock(_Placed, _native.RWLock):
 
     ``with rw.read(timeout=None):`` and ``with rw.write(timeout=None):`` (raise
     WaitTimeoutError on timeout), or ``acquire_read/acquire_write(blocking=True, timeout=None)
-    -> bool`` with ``release_read()/release_write()``. Read holds belong to the thread (each
-    of up to `max_readers` reading threads at once uses a slot); a thread may read
-    recursively, but may not write while it reads, nor read while it writes (RuntimeError).
+    -> bool`` with ``release_read()/release_write()``, and ``acquire_read_nowait()`` /
+    ``acquire_write_nowait()`` (WaitTimeoutError instead of waiting). Read holds belong to
+    the thread (each of up to `max_readers` reading threads at once uses a slot); a thread may
+    read recursively (also while a writer waits: that writer is waiting for it), but may not
+    write while it reads, nor read while it writes (RuntimeError).
 
     Dead participants: a writer that dies is recovered like a `Mutex`; then ``recovered`` is
     True, for readers too, until a writer calls `mark_consistent()` or releases the write lock.
@@ -738,7 +749,7 @@ class RWLock(_Placed, _native.RWLock):
     SIZE = 40 + 16 * max_readers bytes (`size_for`), ALIGNMENT = 4.
     """
 
-    __slots__ = _SLOTS
+    __slots__ = _SLOTS + ("_size_limit",)
     KIND = Kind.RWLOCK
     SIZE = _native.RWLOCK_HEADER_SIZE + _native.RWLOCK_SLOT_SIZE  # the smallest (one slot)
     _SLOTS_OFFSET = _native.MUTEX_SIZE
@@ -771,15 +782,21 @@ class RWLock(_Placed, _native.RWLock):
         buf[offset:offset + cls.size_for(max_readers)] = bytes(cls.size_for(max_readers))
         _native.store_u32(buf, offset + cls._SLOTS_OFFSET, max_readers)
 
-    def _bind(self, segment: Segment, offset: int, spin_ns: int) -> None:
+    def _bind(self, segment: Segment, offset: int, spin_ns: int,
+              size_limit: int | None = None) -> None:
+        # The slot count is read once, here, and the C core keeps it: memory written later
+        # cannot make it reach further. `size_limit` (bytes) bounds it for a lock living in
+        # an area of fixed size (SharedArray's), so a damaged count cannot reach its neighbours.
         slots = _native.load_u32(segment.buf, offset + self._SLOTS_OFFSET)
         if not 1 <= slots <= _native.RWLOCK_MAX_SLOTS or \
-                offset + self.size_for(slots) > segment.size:
+                offset + self.size_for(slots) > segment.size or \
+                (size_limit is not None and self.size_for(slots) > size_limit):
             raise CorruptSegmentError(
                 f"the RWLock at offset {offset} of segment "
                 f"{describe(segment.name, segment.backend)} claims {slots} reader slots, which "
                 f"do not fit; it is damaged or was never created there (use create_at)")
         _native.RWLock.__init__(self, segment.buf, offset, slots, spin_ns)
+        self._size_limit = size_limit
 
     @classmethod
     def _check_header(cls, seg: Segment, header: layout.Header) -> None:
@@ -819,9 +836,43 @@ class RWLock(_Placed, _native.RWLock):
         return cls._create_at(segment, offset, spin_ns, {}, max_readers=max_readers)
 
     @classmethod
-    def at(cls, segment: Segment, offset: int = 0, *, spin_ns: int | None = None) -> "RWLock":
-        """Use the reader-writer lock initialised at `offset` of `segment` by `create_at`."""
-        return cls._at(segment, offset, spin_ns, {})
+    def at(cls, segment: Segment, offset: int = 0, *, spin_ns: int | None = None,
+           size_limit: int | None = None) -> "RWLock":
+        """Use the reader-writer lock initialised at `offset` of `segment` by `create_at`.
+
+        Args:
+            size_limit: the most bytes the lock may take (the area reserved for it); its
+                reader-slot count, read from the segment, must fit.
+
+        Raises:
+            CorruptSegmentError: the slot count read from the segment does not fit.
+        """
+        return cls._at(segment, offset, spin_ns, {"size_limit": size_limit})
+
+    def _extra_state(self) -> dict:
+        return {} if self._size_limit is None else {"size_limit": self._size_limit}
+
+    def acquire_read_nowait(self) -> None:
+        """Take a read lock if that needs no waiting.
+
+        Raises:
+            WaitTimeoutError: a writer holds or waits for the lock.
+            ResourceLimitError: every reader slot is in use.
+        """
+        if not self.acquire_read(False):
+            raise WaitTimeoutError(f"cannot read-lock {self._what()} without waiting: a writer "
+                                   f"holds it or waits for it (pid {self.writer_pid})")
+
+    def acquire_write_nowait(self) -> None:
+        """Take the write lock if that needs no waiting.
+
+        Raises:
+            WaitTimeoutError: a writer holds it or readers hold read locks.
+        """
+        if not self.acquire_write(False):
+            raise WaitTimeoutError(f"cannot write-lock {self._what()} without waiting: "
+                                   f"{self.readers} read holds, writer pid "
+                                   f"{self.writer_pid or 'none'}")
 
     def read(self, timeout: float | None = None) -> _Guard:
         """``with rw.read(timeout):`` holds a read lock for the block.
@@ -872,6 +923,8 @@ class Barrier(_Placed, _native.Barrier):
 
     A party that dies before arriving can only be noticed by the others' timeouts: give a
     default `timeout` when creating it (stored in shared memory, so every opener gets it).
+    If the last party dies after arriving (in `action`, say), the others notice within
+    milliseconds and the barrier breaks, as after a timeout.
     `action`, if given to this process's object, runs in the last arriving thread before the
     others are released; if it raises, the barrier breaks.
 
@@ -970,7 +1023,7 @@ class Barrier(_Placed, _native.Barrier):
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            index, ticket = self._arrive()
+            index, ticket, last = self._arrive()
             if index >= 0:
                 break
             # More threads than parties: the round is completing; join the next one.
@@ -978,7 +1031,7 @@ class Barrier(_Placed, _native.Barrier):
             verdict = self._await(ticket, left)
             if verdict != 0:
                 raise self._broken_error(verdict, timeout)
-        if index == self.parties - 1:
+        if last:
             if self._action is not None:
                 try:
                     self._action()
@@ -1004,7 +1057,8 @@ class Barrier(_Placed, _native.Barrier):
 
     def _error(self, code: str) -> BaseException:
         if code == "broken":
-            return BrokenBarrierError(f"{self._what()} is broken (a party timed out, abort() was "
+            return BrokenBarrierError(f"{self._what()} is broken (a party timed out, the last "
+                                      f"party died before releasing the others, abort() was "
                                       f"called, or the action raised); call reset() to use it "
                                       f"again")
         return super()._error(code)
@@ -1181,7 +1235,7 @@ def _barrier_state(buf, off: int) -> dict:
     timeout_ns = _native.load_u64(buf, off + 16)
     return {"parties": _u32(buf, off), "n_waiting": state & 0xFFFF,
             "generation": (state >> 16) & 0x3FFF, "broken": bool(state >> 31),
-            "waiters": _u32(buf, off + 8),
+            "waiters": _u32(buf, off + 8), "completer_tid": _u32(buf, off + 12),
             "timeout": None if timeout_ns == _NO_TIMEOUT else timeout_ns / 1e9}
 
 
@@ -1216,7 +1270,7 @@ def describe_state(seg: Segment, header: layout.Header) -> dict:
     Semaphore: value, max_value, waiters; Event: set, waiters; Condition: mutex (as Mutex),
     seq, waiters; RWLock: writer (as Mutex), readers, reader_threads [{tid, count, alive}],
     max_readers, writer_waiting; Barrier: parties, n_waiting, generation, broken, waiters,
-    timeout; AtomicInt: value; AtomicU32: value, waiters.
+    completer_tid, timeout; AtomicInt: value; AtomicU32: value, waiters.
 
     Args:
         seg: the open segment.

@@ -30,13 +30,17 @@
 /* ---- process id cache -------------------------------------------------------------------- */
 
 static uint32_t cached_pid;
+unsigned shmkit_fork_epoch;
 
 static void forget_me(void);
 
+/* In a forked child (pthread_atfork): new ids, and calls of the parent's other threads are
+ * not under way here (see SHMKIT_BUSY). */
 static void forget_ids(void)
 {
     cached_pid = 0;
     forget_me();
+    shmkit_fork_epoch++;
 }
 
 uint32_t shmkit_getpid_cached(void)
@@ -362,6 +366,15 @@ int shmkit_mutex_lock(shmkit_mutex_t *m, int64_t deadline_ns, shmkit_spin *spin)
     return lock_slow(m, tid, v, deadline_ns, spin);
 }
 
+int shmkit_mutex_trylock(shmkit_mutex_t *m)
+{
+    uint32_t v = 0;
+    if (!take(m, &v, my_tid()))
+        return 0;
+    note_owner(m, 0);
+    return 1;
+}
+
 int shmkit_mutex_unlock(shmkit_mutex_t *m, int clear_recovered)
 {
     uint32_t v = atomic_load_explicit(&m->word, memory_order_relaxed);
@@ -395,6 +408,7 @@ int shmkit_syncobj_attach(shmkit_syncobj *self, PyObject *buffer, Py_ssize_t off
     self->mem = w.ptr;
     self->size = size;
     self->busy = 0;
+    self->busy_epoch = shmkit_fork_epoch;
     if (self->spin.max_ns < 0)
         self->spin.max_ns = SHMKIT_DEFAULT_SPIN_NS;
     self->spin.budget_ns = self->spin.max_ns;
@@ -660,9 +674,9 @@ static PyObject *mutex_result(PyObject *op, int rc)
 static PyObject *mutex_lock_call(PyObject *op, int64_t deadline_ns)
 {
     shmkit_syncobj *self = (shmkit_syncobj *)op;
-    self->busy++;
+    SHMKIT_BUSY_ENTER(self);
     int rc = shmkit_mutex_lock(MUTEX(op), deadline_ns, &self->spin);
-    self->busy--;
+    SHMKIT_BUSY_LEAVE(self);
     return mutex_result(op, rc);
 }
 
@@ -759,7 +773,7 @@ PyObject *shmkit_syncobj_detach(PyObject *op, PyObject *unused)
 {
     (void)unused;
     shmkit_syncobj *self = (shmkit_syncobj *)op;
-    if (self->busy > 0)
+    if (SHMKIT_BUSY(self) > 0)
         Py_RETURN_FALSE;
     syncobj_release(self);
     Py_RETURN_TRUE;

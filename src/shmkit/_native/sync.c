@@ -118,7 +118,7 @@ static PyObject *sem_acquire(PyObject *op, PyObject *const *args, Py_ssize_t nar
     if (deadline == 0)
         Py_RETURN_FALSE;
     shmkit_syncobj *self = SYNCOBJ(op);
-    self->busy++;
+    SHMKIT_BUSY_ENTER(self);
     int64_t slice = SHMKIT_SLICE_MIN_NS;
     int counted = 0, spun = 0, rc;
     for (;;) {
@@ -148,7 +148,7 @@ static PyObject *sem_acquire(PyObject *op, PyObject *const *args, Py_ssize_t nar
     }
     if (counted)
         atomic_fetch_sub(&s->waiters, 1);
-    self->busy--;
+    SHMKIT_BUSY_LEAVE(self);
     if (rc < 0)
         return NULL;
     return PyBool_FromLong(rc);
@@ -314,7 +314,7 @@ static PyObject *event_wait(PyObject *op, PyObject *const *args, Py_ssize_t narg
     if (deadline == 0)
         Py_RETURN_FALSE;
     shmkit_syncobj *self = SYNCOBJ(op);
-    self->busy++;
+    SHMKIT_BUSY_ENTER(self);
     int64_t slice = SHMKIT_SLICE_MIN_NS;
     int counted = 0, rc;
     shmkit_spin_while(&e->flag, 0, deadline, &self->spin);
@@ -344,7 +344,7 @@ static PyObject *event_wait(PyObject *op, PyObject *const *args, Py_ssize_t narg
     }
     if (counted)
         atomic_fetch_sub(&e->waiters, 1);
-    self->busy--;
+    SHMKIT_BUSY_LEAVE(self);
     if (rc < 0)
         return NULL;
     return PyBool_FromLong(rc);
@@ -422,7 +422,7 @@ static PyObject *condseq_wait(PyObject *op, PyObject *const *args, Py_ssize_t na
     CHECK(op);
     condseq_t_ *c = CONDSEQ(op);
     shmkit_syncobj *self = SYNCOBJ(op);
-    self->busy++;
+    SHMKIT_BUSY_ENTER(self);
     atomic_fetch_add(&c->waiters, 1);
     int64_t slice = SHMKIT_SLICE_MIN_NS;
     int rc;
@@ -447,7 +447,7 @@ static PyObject *condseq_wait(PyObject *op, PyObject *const *args, Py_ssize_t na
         }
     }
     atomic_fetch_sub(&c->waiters, 1);
-    self->busy--;
+    SHMKIT_BUSY_LEAVE(self);
     if (rc < 0)
         return NULL;
     return PyBool_FromLong(rc);
@@ -733,7 +733,7 @@ static PyObject *au32_wait(PyObject *op, PyObject *const *args, Py_ssize_t nargs
     if (deadline == 0)
         Py_RETURN_FALSE;
     shmkit_syncobj *self = SYNCOBJ(op);
-    self->busy++;
+    SHMKIT_BUSY_ENTER(self);
     atomic_fetch_add(&a->waiters, 1);
     int64_t slice = SHMKIT_SLICE_MIN_NS;
     int rc;
@@ -758,7 +758,7 @@ static PyObject *au32_wait(PyObject *op, PyObject *const *args, Py_ssize_t nargs
         }
     }
     atomic_fetch_sub(&a->waiters, 1);
-    self->busy--;
+    SHMKIT_BUSY_LEAVE(self);
     if (rc < 0)
         return NULL;
     return PyBool_FromLong(rc);
@@ -850,9 +850,12 @@ SYNC_TYPE(AtomicU32Type, "AtomicU32", "AtomicU32(buffer, offset, spin_ns=-1): C 
  *   4       state       count (bits 0..15) | generation (bits 16..29) | RESET (30) | BROKEN (31);
  *                       waiters sleep on it
  *   8       waiters     threads sleeping in wait (hint)
- *   12      reserved
+ *   12      completer   kernel thread id of the last party of the round now completing (it
+ *                       runs the action, then starts the next generation); 0 = none or not
+ *                       known yet
  *   16      timeout_ns  default timeout of wait() in ns; all ones = none (u64)
- *   24      reserved
+ *   24      completer_start  that thread's start time (as a Mutex's owner_start), 0 = unknown
+ *   28      reserved
  *
  * One word carries count and generation so that an arrival is a single compare-and-swap that
  * also names the generation it joined. The last arrival moves the count to `parties`
@@ -860,17 +863,26 @@ SYNC_TYPE(AtomicU32Type, "AtomicU32", "AtomicU32(buffer, offset, spin_ns=-1): C 
  * whose generation moved on has passed, unless the move was reset() (RESET set and the
  * generation exactly one further). A timeout, abort() or a failing action sets BROKEN, which
  * stays until reset(); arrivals at a broken barrier fail at once.
+ *
+ * A party that dies after arriving changes nothing, unless it was the last one: then nobody
+ * would ever start the next generation. So the last party records itself in `completer`, and a
+ * waiter whose sleep slice ran out while the round is still completing checks that this thread
+ * still runs; if it died, the waiter breaks the barrier (every party gets BrokenBarrierError,
+ * as after a timeout) instead of waiting forever. completer is cleared before the generation
+ * moves on (and by reset()), so a waiter never judges a later round by an earlier completer.
  */
 typedef struct {
     _Atomic uint32_t parties;
     _Atomic uint32_t state;
     _Atomic uint32_t waiters;
-    uint32_t reserved;
+    _Atomic uint32_t completer;
     _Atomic uint64_t timeout_ns;
-    uint64_t reserved2;
+    _Atomic uint32_t completer_start;
+    uint32_t reserved;
 } barrier_t_;
 
 #define BARRIER_SIZE 32
+_Static_assert(sizeof(barrier_t_) == BARRIER_SIZE, "the Barrier layout changed");
 #define BARRIER_MAX_PARTIES 32767u
 #define B_COUNT_MASK 0xffffu
 #define B_GEN_SHIFT 16
@@ -895,10 +907,10 @@ static void barrier_wake(barrier_t_ *b)
         shmkit_futex_wake(&b->state, WAKE_ALL);
 }
 
-/* _arrive() -> (index, ticket): join the current generation. The last party gets index
- * parties - 1 and must call _complete(ticket). Index -1: the round is completing (more
- * threads than parties); wait with _await(ticket) for it to end, then arrive again. Raises
- * the "broken" or "corrupt" error. */
+/* _arrive() -> (index, ticket, last): join the current generation. The last party (`last`
+ * True, index parties - 1 as counted here, whatever `parties` reads later) must call
+ * _complete(ticket). Index -1: the round is completing (more threads than parties); wait with
+ * _await(ticket) for it to end, then arrive again. Raises the "broken" or "corrupt" error. */
 static PyObject *barrier_arrive(PyObject *op, PyObject *unused)
 {
     (void)unused;
@@ -913,34 +925,71 @@ static PyObject *barrier_arrive(PyObject *op, PyObject *unused)
             return shmkit_sync_error(op, "broken");
         uint32_t count = v & B_COUNT_MASK;
         if (count == parties) /* the last party is running the action: next round */
-            return Py_BuildValue("(ik)", -1, (unsigned long)(v & ~B_COUNT_MASK & ~B_BROKEN));
+            return Py_BuildValue("(ikO)", -1, (unsigned long)(v & ~B_COUNT_MASK & ~B_BROKEN),
+                                 Py_False);
         if (count > parties) { /* impossible: damaged memory */
             atomic_fetch_or(&b->state, B_BROKEN);
             barrier_wake(b);
             return shmkit_sync_error(op, "corrupt");
         }
-        if (atomic_compare_exchange_weak(&b->state, &v, v + 1))
-            return Py_BuildValue("(kk)", (unsigned long)count,
-                                 (unsigned long)(v & ~B_COUNT_MASK & ~B_BROKEN));
+        if (count + 1 < parties) {
+            if (atomic_compare_exchange_weak(&b->state, &v, v + 1))
+                return Py_BuildValue("(kkO)", (unsigned long)count,
+                                     (unsigned long)(v & ~B_COUNT_MASK & ~B_BROKEN), Py_False);
+            continue;
+        }
+        if (atomic_compare_exchange_weak(&b->state, &v, v + 1)) {
+            /* The last party: say who completes (start first: waiters read the tid, then the
+             * start). Dying before these stores leaves completer 0: waiters then rely on
+             * their timeout, as before this field existed. */
+            atomic_store(&b->completer_start, shmkit_thread_start());
+            atomic_store(&b->completer, shmkit_gettid());
+            /* The ticket of the last party is the exact state it made: _complete moves on
+             * from that value only. */
+            return Py_BuildValue("(kkO)", (unsigned long)count, (unsigned long)(v + 1), Py_True);
+        }
     }
 }
 
 /* _complete(ticket) -> bool: the last party starts the next generation and wakes everyone.
- * False when the barrier broke meanwhile. */
+ * False when the barrier broke or was reset meanwhile; if the state of its round was changed
+ * any other way (damaged memory), it breaks the barrier so that no waiter is left behind. */
 static PyObject *barrier_complete(PyObject *op, PyObject *arg)
 {
-    unsigned long ticket = PyLong_AsUnsignedLong(arg);
-    if (ticket == (unsigned long)-1 && PyErr_Occurred())
+    unsigned long t = PyLong_AsUnsignedLong(arg);
+    if (t == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
     CHECK(op);
     barrier_t_ *b = BARRIER(op);
-    uint32_t parties = atomic_load(&b->parties);
-    uint32_t expected = ((uint32_t)ticket & ~B_COUNT_MASK) | (parties & B_COUNT_MASK);
-    /* Release: pairs with the waiters' acquire load; writes before the barrier are visible
-     * after it. */
-    int ok = atomic_compare_exchange_strong(&b->state, &expected, next_gen(expected));
+    uint32_t ticket = (uint32_t)t, expected = ticket;
+    /* Forget the completer before the generation moves on (see the layout comment). */
+    atomic_store(&b->completer, 0);
+    /* seq_cst (so also release): pairs with the waiters' loads of the state; writes before
+     * the barrier are visible after it. */
+    int ok = atomic_compare_exchange_strong(&b->state, &expected, next_gen(ticket));
+    while (!ok && (expected & B_GEN_MASK) == (ticket & B_GEN_MASK) && !(expected & B_BROKEN)) {
+        /* Still our round, not broken, yet not the state we made: damaged. Break it. */
+        if (atomic_compare_exchange_weak(&b->state, &expected, expected | B_BROKEN))
+            break;
+    }
     barrier_wake(b);
     return PyBool_FromLong(ok);
+}
+
+/* The round named by `now` is completing (all parties arrived) and its completer died: 1. */
+static int barrier_completer_dead(barrier_t_ *b, uint32_t now)
+{
+    uint32_t parties = atomic_load(&b->parties);
+    if ((now & B_COUNT_MASK) != (parties & B_COUNT_MASK) || parties == 0)
+        return 0;
+    uint32_t tid = atomic_load(&b->completer);
+    if (tid == 0)
+        return 0;
+    uint32_t start = atomic_load(&b->completer_start);
+    /* Still the same round and completer after the reads: then the verdict is about them. */
+    if (atomic_load(&b->state) != now || atomic_load(&b->completer) != tid)
+        return 0;
+    return !shmkit_task_alive_since(tid, start);
 }
 
 /* 0 = passed, 1 = broken, -1 = still our generation. */
@@ -972,7 +1021,7 @@ static PyObject *barrier_await(PyObject *op, PyObject *const *args, Py_ssize_t n
     CHECK(op);
     barrier_t_ *b = BARRIER(op);
     shmkit_syncobj *self = SYNCOBJ(op);
-    self->busy++;
+    SHMKIT_BUSY_ENTER(self);
     int64_t slice = SHMKIT_SLICE_MIN_NS;
     int counted = 0, spun = 0, rc;
     for (;;) {
@@ -1005,10 +1054,17 @@ static PyObject *barrier_await(PyObject *op, PyObject *const *args, Py_ssize_t n
             rc = -1;
             break;
         }
+        /* A whole slice without a wake-up: is the round stuck behind a dead completer? */
+        if (r == 0 && barrier_completer_dead(b, now) &&
+            atomic_compare_exchange_strong(&b->state, &now, now | B_BROKEN)) {
+            barrier_wake(b);
+            rc = 1;
+            break;
+        }
     }
     if (counted)
         atomic_fetch_sub(&b->waiters, 1);
-    self->busy--;
+    SHMKIT_BUSY_LEAVE(self);
     if (rc < 0)
         return NULL;
     return PyLong_FromLong(rc);
@@ -1029,6 +1085,7 @@ static PyObject *barrier_reset(PyObject *op, PyObject *unused)
     (void)unused;
     CHECK(op);
     barrier_t_ *b = BARRIER(op);
+    atomic_store(&b->completer, 0); /* a dead completer of the abandoned round */
     uint32_t v = atomic_load(&b->state);
     while (!atomic_compare_exchange_weak(&b->state, &v, next_gen(v) | B_RESET))
         ;
@@ -1068,7 +1125,7 @@ static PyObject *barrier_get_timeout_ns(PyObject *op, void *closure)
 }
 
 static PyMethodDef barrier_methods[] = {
-    {"_arrive", barrier_arrive, METH_NOARGS, "_arrive() -> (index, ticket)"},
+    {"_arrive", barrier_arrive, METH_NOARGS, "_arrive() -> (index, ticket, last)"},
     {"_complete", barrier_complete, METH_O, "_complete(ticket) -> bool"},
     {"_await", (PyCFunction)(void (*)(void))barrier_await, METH_FASTCALL | METH_KEYWORDS,
      "_await(ticket, timeout=None) -> 0 passed, 1 broken, 2 timed out (and broke it)"},
@@ -1104,7 +1161,8 @@ SYNC_TYPE(BarrierType, "Barrier", "Barrier(buffer, offset, spin_ns=-1): C core."
  *                                kernel thread `tid` that started at `start` (as owner_start)
  *
  * A reader registers under the mutex, so no reader can enter while a writer holds it (writers
- * are preferred). Leaving needs no lock: the reader decrements its slot and, if a writer is
+ * are preferred); only a thread that already reads counts a further read without the mutex
+ * (rw_reenter), since the writer holding the mutex waits for that thread. Leaving needs no lock: the reader decrements its slot and, if a writer is
  * waiting, bumps `drain`. The writer, holding the mutex, waits until every count is 0; each
  * time a sleep slice runs out it clears slots whose thread is dead (or whose id now belongs to
  * another thread: tid and start are only written under the mutex, which the writer holds, so
@@ -1204,6 +1262,57 @@ static PyObject *rw_lock_result(PyObject *op, int rc)
     return NULL;
 }
 
+/* Change this thread's read count in slot i by `delta` (+1 or -1), provided the slot is this
+ * thread's and counts at least one read. 1 done (*old = the count before), 0 the slot is not
+ * ours, -1 it is ours but counts nothing.
+ *
+ * Without the mutex, so the order of the loads matters: the count first, then tid and start.
+ * A slot counting 0 can be handed to another thread (rw_pick_slot, under the mutex), which
+ * writes tid and start before raising the count; so a count above 0 seen before our own
+ * identity is ours. And while it is ours and above 0 nobody else changes it (rw_pick_slot
+ * takes only slots counting 0 or of dead threads, rw_drain clears only dead ones), so the
+ * compare-and-swap from it cannot succeed on someone else's count. */
+static int rw_slot_adjust(rwlock_t_ *rw, uint32_t i, uint32_t tid, uint32_t start, int delta,
+                          uint32_t *old)
+{
+    uint32_t c = atomic_load(&rw->slot[i].count);
+    for (;;) {
+        if (atomic_load(&rw->slot[i].tid) != tid || atomic_load(&rw->slot[i].start) != start)
+            return 0;
+        if (c == 0 || (delta > 0 && c == UINT32_MAX))
+            return -1;
+        if (atomic_compare_exchange_weak(&rw->slot[i].count, &c, c + (uint32_t)delta)) {
+            *old = c;
+            return 1;
+        }
+    }
+}
+
+/* The slots in the order this object looks at them: its hint first. */
+#define RW_SCAN_ORDER(k, h) ((k) == 0 ? (h) : ((k) <= (h) ? (k) - 1 : (k)))
+
+/* A read hold this thread already has: count it again without the mutex. Needed because a
+ * writer waits for readers while holding the mutex, so a recursive read that queued for the
+ * mutex behind it would wait for itself (a writer cannot be inside its write section while
+ * this thread's read is counted). A thread has at most one slot with its identity. 1 when
+ * counted, 0 when this thread reads nothing. */
+static int rw_reenter(rwlock_obj *self, rwlock_t_ *rw, uint32_t tid, uint32_t start)
+{
+    uint32_t n = self->nslots, old;
+    uint32_t h = self->hint < n ? self->hint : 0;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t i = RW_SCAN_ORDER(k, h);
+        if (atomic_load_explicit(&rw->slot[i].tid, memory_order_relaxed) != tid)
+            continue; /* cheap filter; rw_slot_adjust checks in the right order */
+        int r = rw_slot_adjust(rw, i, tid, start, +1, &old);
+        if (r == 1)
+            self->hint = i;
+        if (r != 0)
+            return r == 1;
+    }
+    return 0;
+}
+
 static PyObject *rwlock_acquire_read(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                                      PyObject *kwnames)
 {
@@ -1213,12 +1322,20 @@ static PyObject *rwlock_acquire_read(PyObject *op, PyObject *const *args, Py_ssi
     CHECK(op); /* after parsing: converting arguments may run Python code, even close() */
     rwlock_t_ *rw = RW(op);
     rwlock_obj *self = RWOBJ(op);
-    self->base.busy++;
-    int rc = shmkit_mutex_lock(&rw->mutex, deadline, &self->base.spin);
-    self->base.busy--;
-    if (rc < 0)
-        return rw_lock_result(op, rc);
     uint32_t tid = shmkit_gettid(), start = shmkit_thread_start();
+    /* Mutex free: register under it (a recursive read too: no writer drains meanwhile).
+     * Otherwise a writer may be draining, waiting for this thread's reads: count a recursive
+     * read without the mutex, and only queue for the mutex when this thread reads nothing
+     * (then nothing of ours can keep the writer waiting). */
+    if (!shmkit_mutex_trylock(&rw->mutex)) {
+        if (rw_reenter(self, rw, tid, start))
+            Py_RETURN_TRUE;
+        SHMKIT_BUSY_ENTER(&self->base);
+        int rc = shmkit_mutex_lock(&rw->mutex, deadline, &self->base.spin);
+        SHMKIT_BUSY_LEAVE(&self->base);
+        if (rc < 0)
+            return rw_lock_result(op, rc);
+    }
     long i = rw_pick_slot(self, rw, tid, start);
     if (i < 0) {
         shmkit_mutex_unlock(&rw->mutex, 0);
@@ -1241,20 +1358,20 @@ static PyObject *rwlock_release_read(PyObject *op, PyObject *unused)
     CHECK(op);
     rwlock_t_ *rw = RW(op);
     rwlock_obj *self = RWOBJ(op);
-    uint32_t tid = shmkit_gettid(), start = shmkit_thread_start(), n = self->nslots;
+    uint32_t tid = shmkit_gettid(), start = shmkit_thread_start(), n = self->nslots, old;
     uint32_t h = self->hint < n ? self->hint : 0;
     for (uint32_t k = 0; k < n; k++) {
-        uint32_t i = k == 0 ? h : (k <= h ? k - 1 : k);
-        if (atomic_load(&rw->slot[i].tid) != tid || atomic_load(&rw->slot[i].start) != start)
+        uint32_t i = RW_SCAN_ORDER(k, h);
+        if (atomic_load_explicit(&rw->slot[i].tid, memory_order_relaxed) != tid)
+            continue; /* cheap filter; rw_slot_adjust checks in the right order */
+        int r = rw_slot_adjust(rw, i, tid, start, -1, &old);
+        if (r == 0)
             continue;
-        uint32_t c = atomic_load(&rw->slot[i].count);
-        do {
-            if (c == 0)
-                return shmkit_sync_error(op, "read_not_owned");
-        } while (!atomic_compare_exchange_weak(&rw->slot[i].count, &c, c - 1));
+        if (r < 0)
+            break;
         /* seq_cst decrement, then read writer_waiting: pairs with the writer's store of
          * writer_waiting before it scans the counts. */
-        if (c == 1 && atomic_load(&rw->writer_waiting) != 0) {
+        if (old == 1 && atomic_load(&rw->writer_waiting) != 0) {
             atomic_fetch_add(&rw->drain, 1);
             shmkit_futex_wake(&rw->drain, WAKE_ALL);
         }
@@ -1312,17 +1429,17 @@ static PyObject *rwlock_acquire_write(PyObject *op, PyObject *const *args, Py_ss
     CHECK(op); /* after parsing: converting arguments may run Python code, even close() */
     rwlock_t_ *rw = RW(op);
     rwlock_obj *self = RWOBJ(op);
-    self->base.busy++;
+    SHMKIT_BUSY_ENTER(&self->base);
     int rc = shmkit_mutex_lock(&rw->mutex, deadline, &self->base.spin);
     if (rc < 0) { /* -EDEADLK here: this thread writes already */
-        self->base.busy--;
+        SHMKIT_BUSY_LEAVE(&self->base);
         return rw_lock_result(op, rc);
     }
     int d = rw_drain(self, rw, deadline);
     atomic_store(&rw->writer_waiting, 0);
     if (d <= 0) /* no write section happened: leave `recovered` as it was */
         shmkit_mutex_unlock(&rw->mutex, 0);
-    self->base.busy--;
+    SHMKIT_BUSY_LEAVE(&self->base);
     if (d == -EDEADLK) /* this thread reads */
         return shmkit_sync_error(op, "read_then_write");
     if (d <= 0)

@@ -85,6 +85,10 @@ typedef struct {
  * it already) or -EINTR (a signal handler raised: the Python exception is set). */
 int shmkit_mutex_lock(shmkit_mutex_t *m, int64_t deadline_ns, shmkit_spin *spin);
 
+/* Take `m` if it is free right now: one compare-and-swap, no sleep, no liveness check.
+ * 1 when taken (like SHMKIT_LOCK_ACQUIRED), 0 otherwise. */
+int shmkit_mutex_trylock(shmkit_mutex_t *m);
+
 /* Release `m` held by the calling thread. `clear_recovered` = 0 keeps the recovered flag (an
  * RWLock reader borrowing the writer mutex must not hide a dead writer). Returns 0, or -EPERM
  * when the calling thread is not the owner (nothing is changed then). */
@@ -114,8 +118,30 @@ typedef struct {
     char *mem;
     Py_ssize_t size;
     int busy;
+    unsigned busy_epoch; /* shmkit_fork_epoch when `busy` was last counted */
     shmkit_spin spin;
 } shmkit_syncobj;
+
+/* Bumped in a forked child. A thread of the parent that was blocked inside a call (counted
+ * in some object's `busy`) does not exist in the child, so a count made before the fork means
+ * nothing there: SHMKIT_BUSY reads it as 0 and the next SHMKIT_BUSY_ENTER starts it over.
+ * Without this, close() would fail as busy forever in the child. Every use holds the GIL. */
+extern unsigned shmkit_fork_epoch;
+
+#define SHMKIT_BUSY_ENTER(obj)                                                                 \
+    do {                                                                                       \
+        if ((obj)->busy_epoch != shmkit_fork_epoch) {                                          \
+            (obj)->busy_epoch = shmkit_fork_epoch;                                             \
+            (obj)->busy = 0;                                                                   \
+        }                                                                                      \
+        (obj)->busy++;                                                                         \
+    } while (0)
+#define SHMKIT_BUSY_LEAVE(obj)                                                                 \
+    do {                                                                                       \
+        if ((obj)->busy_epoch == shmkit_fork_epoch && (obj)->busy > 0)                         \
+            (obj)->busy--;                                                                     \
+    } while (0)
+#define SHMKIT_BUSY(obj) ((obj)->busy_epoch == shmkit_fork_epoch ? (obj)->busy : 0)
 
 /* Attach to `size` bytes at `offset` of `buffer`, aligned to `align`. 0 or -1 (exception). */
 int shmkit_syncobj_attach(shmkit_syncobj *self, PyObject *buffer, Py_ssize_t offset,

@@ -56,6 +56,7 @@
 #define ST_BUSY 8
 #define ST_BAD_KEY 9
 #define ST_CLOSED 10
+#define ST_REENTERED 11 /* called from code that ran inside this thread's own locked call */
 #define ST_ERROR (-1) /* a Python exception is set */
 
 /* Control block. */
@@ -105,6 +106,7 @@ typedef struct {
     int attached;
     int readonly;
     int busy;
+    unsigned busy_epoch; /* see SHMKIT_BUSY in sync.h */
     uint64_t nslots, mask;
     uint64_t idx[2];
     uint64_t lo, hi; /* heap bounds in units */
@@ -155,11 +157,11 @@ static void copy_bytes(Table *t, void *dst, const void *src, uint64_t n)
         memcpy(dst, src, n);
         return;
     }
-    t->busy++;
+    SHMKIT_BUSY_ENTER(t);
     Py_BEGIN_ALLOW_THREADS
     memcpy(dst, src, n);
     Py_END_ALLOW_THREADS
-    t->busy--;
+    SHMKIT_BUSY_LEAVE(t);
 }
 
 /* ---- keys and hashing ----------------------------------------------------------------------- */
@@ -278,18 +280,28 @@ static PyObject *make_key(Table *t, const Blk *b)
 #define LOCKED 0
 #define LOCKED_RECOVERED 1
 
+/* Writer-lock sections of any table this thread is inside. Python code can run inside one:
+ * an allocation under the lock (the tuple of a pickled value, a scan's pairs) may start the
+ * garbage collector, whose finalizers may use the same dict. Such a nested call finds the
+ * lock word naming this very thread; it must not take the lock "over" (the outer call would
+ * go on without it once the nested one released it), so it fails with ST_REENTERED. */
+static __thread int sections;
+
 static int table_lock(Table *t)
 {
     shmkit_mutex_t *m = (shmkit_mutex_t *)(t->base + CTL_LOCK);
     int64_t deadline = t->timeout_ns < 0 ? -1 : shmkit_monotonic_ns() + t->timeout_ns;
     for (int round = 0; round < 3; round++) {
-        t->busy++;
+        SHMKIT_BUSY_ENTER(t);
         int rc = shmkit_mutex_lock(m, deadline, &t->spin);
-        t->busy--;
-        if (rc == SHMKIT_LOCK_ACQUIRED)
+        SHMKIT_BUSY_LEAVE(t);
+        if (rc == SHMKIT_LOCK_ACQUIRED) {
+            sections++;
             return LOCKED;
+        }
         if (rc == SHMKIT_LOCK_RECOVERED) {
             st64(t, CTL_RECOVERIES, ld64(t, CTL_RECOVERIES) + 1);
+            sections++;
             return LOCKED_RECOVERED;
         }
         if (rc == -ETIMEDOUT)
@@ -297,12 +309,15 @@ static int table_lock(Table *t)
         if (rc == -EINTR)
             return ST_ERROR;
         if (rc == -EDEADLK) {
+            if (sections > 0) /* this thread's own call is under way: see `sections` */
+                return ST_REENTERED;
             /* The word names this thread, but the table never keeps its lock between calls:
              * a dead task with our recycled id (or a scribble) left it. Take it over. */
             uint32_t v = atomic_load_explicit(&m->word, memory_order_relaxed);
             if ((v & SHMKIT_MUTEX_OWNER_MASK) == shmkit_gettid() &&
                 atomic_compare_exchange_strong(&m->word, &v, shmkit_gettid() | SHMKIT_MUTEX_WAITERS)) {
                 st64(t, CTL_RECOVERIES, ld64(t, CTL_RECOVERIES) + 1);
+                sections++;
                 return LOCKED_RECOVERED;
             }
             continue;
@@ -316,6 +331,7 @@ static int table_lock(Table *t)
 
 static void table_unlock(Table *t)
 {
+    sections--;
     /* -EPERM only if the word was scribbled meanwhile: nothing to undo then. */
     (void)shmkit_mutex_unlock((shmkit_mutex_t *)(t->base + CTL_LOCK), 1);
 }
@@ -956,9 +972,9 @@ static int lookup(Table *t, const Key *k, int copy, PyObject **out)
                 return r;
             if (deadline >= 0 && shmkit_monotonic_ns() >= deadline)
                 return ST_TIMEOUT;
-            t->busy++;
+            SHMKIT_BUSY_ENTER(t);
             pause_briefly();
-            t->busy--;
+            SHMKIT_BUSY_LEAVE(t);
             if (PyErr_CheckSignals() < 0)
                 return ST_ERROR;
         }
@@ -1002,6 +1018,17 @@ static int scan_once(Table *t, int with_values, int locked, PyObject **out)
             Blk b;
             PyObject *key = NULL, *val = NULL, *item;
             int bad = block_fields(t, u, &b) < 0;
+            if (!bad && !locked && (uint64_t)b.klen + (with_values ? b.vlen : 0) >= BIG_COPY) {
+                /* Lengths read from a block being reused could ask for gigabytes: check that
+                 * the entry still stands before allocating for it (as lookup_once does). */
+                atomic_thread_fence(memory_order_acquire);
+                if (ld64(t, CTL_GEN) != g) {
+                    Py_DECREF(list);
+                    return R_RETRY;
+                }
+                if (ld64(t, s) != w)
+                    continue;
+            }
             if (!bad) {
                 key = make_key(t, &b);
                 if (key == NULL) {
@@ -1078,9 +1105,9 @@ static int scan(Table *t, int with_values, int locked, PyObject **out)
                     return r;
                 if (deadline >= 0 && shmkit_monotonic_ns() >= deadline)
                     return ST_TIMEOUT;
-                t->busy++;
+                SHMKIT_BUSY_ENTER(t);
                 pause_briefly();
-                t->busy--;
+                SHMKIT_BUSY_LEAVE(t);
                 if (PyErr_CheckSignals() < 0)
                     return ST_ERROR;
             }
@@ -1100,7 +1127,7 @@ static int scan(Table *t, int with_values, int locked, PyObject **out)
 
 static int table_usable(Table *t)
 {
-    return t->attached && t->busy >= 0;
+    return t->attached;
 }
 
 static PyObject *status(int st)
@@ -1158,6 +1185,7 @@ static int table_init(PyObject *op, PyObject *args, PyObject *kwargs)
     t->size = size;
     t->readonly = readonly;
     t->busy = 0;
+    t->busy_epoch = shmkit_fork_epoch;
     t->nslots = nslots;
     t->mask = nslots - 1;
     t->idx[0] = CTL_END;
@@ -1394,7 +1422,7 @@ static PyObject *t_release(PyObject *op, PyObject *unused)
 {
     Table *t = (Table *)op;
     (void)unused;
-    if (t->busy > 0)
+    if (SHMKIT_BUSY(t) > 0)
         return status(ST_BUSY);
     if (t->attached) {
         t->attached = 0;
@@ -1468,8 +1496,8 @@ int shmkit_init_table(PyObject *module)
         {"DICT_FULL_KEYS", ST_FULL_KEYS}, {"DICT_CORRUPT", ST_CORRUPT},
         {"DICT_TIMEOUT", ST_TIMEOUT}, {"DICT_READONLY", ST_READONLY},
         {"DICT_TOO_LARGE", ST_TOO_LARGE}, {"DICT_BUSY", ST_BUSY}, {"DICT_BAD_KEY", ST_BAD_KEY},
-        {"DICT_CLOSED", ST_CLOSED}, {"DICT_CONTROL_END", CTL_END}, {"DICT_SLOT_SIZE", SLOT},
-        {"DICT_UNIT", UNIT}, {"DICT_BLOCK_HEADER", BLK_HDR}, {"DICT_LOCK_OFFSET", CTL_LOCK},
+        {"DICT_CLOSED", ST_CLOSED}, {"DICT_REENTERED", ST_REENTERED},
+        {"DICT_CONTROL_END", CTL_END}, {"DICT_SLOT_SIZE", SLOT}, {"DICT_UNIT", UNIT}, {"DICT_BLOCK_HEADER", BLK_HDR}, {"DICT_LOCK_OFFSET", CTL_LOCK},
     };
     for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++)
         if (PyModule_AddIntConstant(module, consts[i].name, consts[i].value) < 0)
