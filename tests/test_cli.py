@@ -6,7 +6,6 @@ machine create segments at the same time.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -379,9 +378,3 @@ def test_default_demo_runs_to_completion_and_leaves_nothing():
     assert proc.returncode == 0, out + err
     left = {n for n in set(os.listdir("/dev/shm")) - before if str(proc.pid) in n}
     assert not left
-
-
-def test_bench_without_bench_module_is_a_one_line_error():
-    if importlib.util.find_spec("shmkit.bench") is not None:
-        pytest.skip("shmkit.bench exists; its own tests cover `shmkit bench`")
-    assert_one_line_error(shmkit("bench"), "shmkit.bench")

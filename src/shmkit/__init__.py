@@ -26,6 +26,7 @@ from .errors import (
 )
 from .broadcast import Broadcast, Latest
 from .dict import SharedDict
+from .queue import Queue
 from .segment import Segment, sysv_key
 from .sync import (
     AtomicInt,
@@ -69,6 +70,7 @@ __all__ = [
     "LockNotOwnedError",
     "MessageTooLargeError",
     "Mutex",
+    "Queue",
     "QueueClosed",
     "RWLock",
     "ResourceLimitError",

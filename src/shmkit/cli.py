@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -373,13 +371,10 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    if importlib.util.find_spec("shmkit.bench") is None:
-        raise _ExpectedError("the quick benchmark (shmkit.bench) is not part of this build; "
-                             "run `make bench` for the benchmark suite")
-    bench = importlib.import_module("shmkit.bench")
+    from . import bench
     try:
         rows = bench.run_quick(plot=args.plot)
-    except ImportError as exc:  # an optional peer or matplotlib (for --plot) is missing
+    except ImportError as exc:
         raise _ExpectedError(f"the benchmark needs a package that is not installed: {exc}; "
                              f"install the extras with `pip install -e '.[bench]'`") from exc
     print(bench.format_table(rows))
