@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 import uuid
@@ -30,20 +29,11 @@ import uuid
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import shmkit  # noqa: E402
+from shmkit.bench import machine  # noqa: E402
 
 WAIT = 10.0  # every wait has a timeout: a lost hand-off fails the run instead of hanging it
 RAW_C_ROUND_TRIP_US = 0.4
 
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cpus, Python {platform.python_version()}"
 
 
 def _check(ok: bool) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import platform
 import sys
 import threading
 import time
@@ -28,17 +27,8 @@ import uuid
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import shmkit  # noqa: E402
+from shmkit.bench import machine  # noqa: E402
 
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cpus, Python {platform.python_version()}"
 
 
 def best_ns(loop, n: int, repeats: int) -> float:

@@ -8,28 +8,14 @@ any failed.
 
 from __future__ import annotations
 
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from shmkit.bench import machine
+
 HERE = Path(__file__).resolve().parent
-
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cpus, Linux {platform.release()}, "
-            f"Python {platform.python_version()}")
 
 
 def main(argv: list[str]) -> int:
