@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import pickle
+import struct
 import threading
 import zlib
 
@@ -675,3 +676,239 @@ def test_reentrant_use_from_an_iterator_is_refused(make):
     with pytest.raises(RuntimeError, match="re-entrantly"):
         pub.publish_many(messages())
     assert isinstance(b.subscribe(), Subscriber)
+
+
+# -- review regressions ---------------------------------------------------------------------------
+# Offsets of control words (see the layout table in broadcast.py): these tests play the part of
+# a publisher killed at a chosen instruction, or of a process scribbling on the segment.
+PUB_WORD, PUB_START = 192, 200
+HEAD_POS, HEAD_PAIR = 256, 272
+TAIL_POS, TAIL_PAIR = 320, 328
+INTENT = 384
+
+
+def write_pair(buf, offset: int, seq: int, pos: int) -> None:
+    """Store {seq, pos} as the current value of the double-buffered pair at `offset`."""
+    struct.pack_into("<QQQ", buf, offset, 0, seq, pos)
+
+
+def read_pair(buf, offset: int) -> tuple[int, int]:
+    idx = struct.unpack_from("<Q", buf, offset)[0]
+    return struct.unpack_from("<QQ", buf, offset + 8 + 16 * (idx & 1))
+
+
+def test_oldest_joiner_with_block_policy_starts_at_the_oldest_retained_message(make):
+    # The publisher's "how far the tail may go" intent used to stay up after each round, so
+    # start="oldest" silently started at the newest message once the ring had wrapped.
+    b = make(1024, policy="block")
+    pub = b.publisher()
+    reader = b.subscribe()
+    for i in range(200):  # many rounds of waiting for room
+        pub.publish(frame(i, 40), timeout=5)
+        assert check(reader.receive(timeout=5)) == i
+    oldest = b.stats()["oldest_seq"]
+    assert 0 < oldest < 199
+    late = b.subscribe("oldest")
+    assert late.next_seq == oldest
+    assert check(late.receive(timeout=5)) == oldest
+
+
+def test_claiming_the_role_resets_an_intent_left_by_a_killed_publisher(make):
+    b = make(1024, policy="block")
+    pub = b.publisher()
+    for i in range(5):
+        pub.publish(frame(i, 40), timeout=5)
+    pub.close()
+    buf = b.segment.buf
+    # a publisher killed in the middle of a round leaves its intent above the tail
+    struct.pack_into("<Q", buf, INTENT, struct.unpack_from("<Q", buf, HEAD_POS)[0])
+    assert b.subscribe("oldest").next_seq == 5  # cannot be sure of the oldest: the head
+    b.publisher()  # the next holder resets the intent
+    assert b.subscribe("oldest").next_seq == 0
+
+
+def test_aborted_reservation_leaves_its_padding_published(make):
+    # Joining block-policy subscribers rely on the published head never lagging behind the
+    # publisher's own head (where the intent may reach) outside a commit.
+    b = make(1024, policy="block")
+    pub = b.publisher()
+    pub.publish(b"x" * 400)
+    pub.publish(b"x" * 400)  # 2 * 416 bytes: 192 left before the end of the ring
+    with pytest.raises(KeyError):
+        with pub.reserve(300):  # does not fit before the end of the ring: padding first
+            raise KeyError
+    _, head = read_pair(b.segment.buf, HEAD_PAIR)
+    assert head == 1024 and struct.unpack_from("<Q", b.segment.buf, HEAD_POS)[0] == 1024
+    sub = b.subscribe()
+    pub.publish(b"after")
+    assert sub.receive(timeout=5) == b"after"
+
+
+def test_view_still_exported_at_the_end_of_its_block_does_not_wedge_the_subscriber(make):
+    b = make()
+    sub = b.subscribe()
+    pub = b.publisher()
+    pub.publish(b"abcd")
+    pub.publish(b"efgh")
+    with pytest.raises(BufferError, match="outlived"):
+        with sub.receive_view(timeout=5) as view:
+            it = struct.iter_unpack("<I", view)  # holds a buffer of the view itself
+    assert sub.receive(timeout=5) == b"efgh"  # used to raise "a receive_view is open"
+    with pytest.raises(SegmentBusyError):
+        sub.close()  # the escaped view still points into the mapping
+    del it, view
+    sub.close()
+
+
+def test_reservation_still_exported_at_the_end_of_its_block_is_published_and_does_not_wedge(make):
+    b = make()
+    sub = b.subscribe()
+    pub = b.publisher()
+    with pytest.raises(BufferError, match="outlived"):
+        with pub.reserve(4) as buf:
+            buf[:] = b"wxyz"
+            it = struct.iter_unpack("<I", buf)
+    del it, buf
+    pub.publish(b"next")  # used to raise "a reservation is open"
+    assert sub.receive_many(5, timeout=5) == [b"wxyz", b"next"]
+
+
+def test_tail_cursor_past_the_head_raises_corrupt_instead_of_stalling(make):
+    b = make()
+    sub = b.subscribe()
+    pub = b.publisher()
+    for i in range(3):
+        pub.publish(frame(i, 40))
+    buf = b.segment.buf
+    head = struct.unpack_from("<Q", buf, HEAD_POS)[0]
+    write_pair(buf, TAIL_PAIR, 3, head + 4096)
+    struct.pack_into("<Q", buf, TAIL_POS, head + 4096)
+    with pytest.raises(CorruptSegmentError, match="tail cursor"):
+        sub.receive_nowait()
+
+
+@pytest.mark.parametrize("pos", [2**62 + 16, 2**64 - 1024])
+def test_positions_that_would_overflow_are_corrupt(make, pos):
+    b = make(1024)
+    buf = b.segment.buf
+    for pair, word in ((HEAD_PAIR, HEAD_POS), (TAIL_PAIR, TAIL_POS)):
+        write_pair(buf, pair, 0, pos)
+        struct.pack_into("<Q", buf, word, pos)
+    with pytest.raises(CorruptSegmentError):
+        b.publisher()
+    with pytest.raises(CorruptSegmentError):
+        b.subscribe()
+
+
+def test_role_held_under_our_own_pid_by_an_earlier_process_is_taken_over(make):
+    import os
+
+    b = make()
+    buf = b.segment.buf
+    # a killed publisher whose pid this process now has: same pid, other start time
+    struct.pack_into("<QQ", buf, PUB_WORD, os.getpid() << 32 | 7, 1)
+    pub = b.publisher()
+    assert pub.took_over and pub.previous_pid == os.getpid()
+    with pytest.raises(PublisherExistsError, match="this process"):
+        b.publisher()  # while this process really holds it
+
+
+def test_forked_child_can_close_what_a_parent_thread_was_waiting_on(make):
+    # The per-object busy flag of a thread sleeping in receive() was inherited by the child,
+    # where that thread does not exist: close() there waited forever.
+    import os
+    import signal
+    import time
+
+    b = make()
+    sub = b.subscribe()
+    started = threading.Event()
+    got = []
+
+    def wait():
+        started.set()
+        got.append(sub.receive(timeout=30))
+    t = threading.Thread(target=wait)
+    t.start()
+    started.wait(10)
+    time.sleep(0.1)  # let it reach the sleep (not a correctness wait)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)  # a hang fails the test instead of blocking it
+        code = 1
+        try:
+            with pytest.raises(RuntimeError, match="parent process"):
+                sub.receive_nowait()
+            sub.close()
+            code = 0 if sub.closed else 1
+        finally:
+            os._exit(code)
+    give_up = time.monotonic() + 30
+    while time.monotonic() < give_up:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        status = -1
+    b.publisher().publish(b"still mine")
+    t.join(30)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # the child's close left the parent's subscriber alone
+    assert got == [b"still mine"] and not sub.closed
+    assert [s["pid"] for s in b.stats()["subscribers"]] == [os.getpid()]
+
+
+def test_nowait_twins_raise_instead_of_waiting(make):
+    b = make(1024, policy="block")
+    sub = b.subscribe()
+    pub = b.publisher()
+    with pytest.raises(Empty):
+        sub.receive_many_nowait(5)
+    with pytest.raises(Empty):
+        sub.receive_array_nowait()
+    with pytest.raises(Full) as info:
+        pub.publish_many_nowait([b"z" * 200] * 10)
+    assert info.value.__notes__ == ["4 messages of the batch were published"]
+    with pytest.raises(Full):
+        pub.publish_array_nowait(np.zeros(20))  # 128 bytes left, unread messages in the rest
+    assert len(sub.receive_many_nowait(100)) == 4
+    pub.publish_array_nowait(np.arange(3))
+    assert np.array_equal(sub.receive_array_nowait(), np.arange(3))
+
+
+def test_array_frames_with_field_names_beyond_ascii_roundtrip(make):
+    b = make(1 << 14)
+    sub = b.subscribe()
+    pub = b.publisher()
+    dtype = np.dtype([(("titre", "é"), "<f8"), ("we'ird\"\\\n\u2603", "<i2", (2,))])
+    arr = np.zeros(3, dtype)
+    arr["é"] = [1.5, 2.5, 3.5]
+    pub.publish_array(arr)
+    out = sub.receive_array(timeout=5)
+    assert out.dtype == dtype and np.array_equal(out, arr)
+
+
+@pytest.mark.parametrize("text", [
+    "(" * 150 + ")" * 150,            # too many nested parentheses for Python's parser
+    "[" * 100 + "]" * 100,
+    "-" * 60000 + "1",                # MemoryError inside ast.literal_eval
+    "1" + "+1" * 30000,               # RecursionError inside ast.literal_eval
+    "()",                             # IndexError inside numpy's descr_to_dtype
+    "[()]", "[1]", "'\\x'", "f()", "[('a', '<f8')] junk", "\udcff",
+])
+def test_hostile_dtype_text_in_an_array_frame_raises_value_error(make, text):
+    from shmkit.broadcast import _ARRAY_HEAD, _ARRAY_MAGIC
+
+    b = make(1 << 18)
+    sub = b.subscribe()
+    pub = b.publisher()
+    raw = text.encode("utf-8", "surrogateescape")
+    head = _ARRAY_HEAD.pack(_ARRAY_MAGIC, 1, 1, len(raw), 8) + struct.pack("<Q", 1) + raw
+    pub.publish(head + b"\0" * (-len(head) % 16) + b"\0" * 8)
+    with pytest.raises(ValueError, match="not an array message"):
+        sub.receive_array(timeout=5)
+    pub.publish(b"next")
+    assert sub.receive(timeout=5) == b"next"

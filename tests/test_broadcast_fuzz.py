@@ -140,3 +140,32 @@ def test_corrupted_latest_never_crashes_or_hangs(writes, ops):
     finally:
         lt.close()
         segment.unlink(name)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ndim=st.integers(0, 255), kind=st.integers(0, 255),
+       shape=st.lists(st.integers(0, 2**64 - 1), max_size=6),
+       text=st.one_of(
+           st.text(max_size=200),
+           st.text(alphabet="()[],'\"-+0123456789 \\xa", max_size=400),
+           st.integers(1, 5000).map(lambda n: "(" * n + ")" * n),
+           st.integers(1, 30000).map(lambda n: "-" * n + "1")),
+       nbytes=st.integers(0, 2**64 - 1), tail=st.binary(max_size=64))
+def test_array_frames_from_shared_memory_never_escape_value_error(ndim, kind, shape, text,
+                                                                   nbytes, tail):
+    """An array frame is message content, which any writer of the segment may have changed:
+    parsing it returns an array description or raises ValueError, nothing else (no
+    RecursionError, MemoryError, IndexError; no hang)."""
+    import struct
+
+    from shmkit.broadcast import _ARRAY_HEAD, _ARRAY_MAGIC, _parse_array
+
+    raw = text.encode("utf-8", "surrogatepass")[:65535]
+    dims = (shape * (ndim // max(len(shape), 1) + 1))[:ndim] if shape else [0] * ndim
+    frame = (_ARRAY_HEAD.pack(_ARRAY_MAGIC, ndim, kind, len(raw), nbytes)
+             + struct.pack(f"<{ndim}Q", *dims) + raw + tail)
+    try:
+        dtype, out_shape, start, size = _parse_array(memoryview(frame), "fuzz")
+    except ValueError:
+        return
+    assert start + size <= len(frame) and not dtype.hasobject and len(out_shape) == ndim

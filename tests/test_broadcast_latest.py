@@ -234,3 +234,104 @@ def test_killed_writers_never_tear_values_nor_wedge_the_lock(seg_name):
             kill(reader)
         lt.close()
         lt.unlink()
+
+
+# -- review regressions ---------------------------------------------------------------------------
+
+# Run in a child interpreter: before the fix, closing while another thread was inside a call
+# unmapped the memory under it and the process died of SIGSEGV.
+CLOSE_WHILE_BUSY = r'''
+import os, struct, sys, threading
+from shmkit import _native
+from shmkit.broadcast import Latest
+lt = Latest.open(sys.argv[1])
+what = sys.argv[2]
+inside = threading.Event()
+errors = []
+
+def call():
+    inside.set()
+    try:
+        if what == "wait":
+            lt.wait(lt.version, timeout=20)
+        else:
+            lt.set(b"v", timeout=20)
+    except ValueError as exc:
+        errors.append(str(exc))
+
+if what == "set":
+    # a live writer holds the lock: this thread's own id, so the lock is never taken over
+    struct.pack_into("<I", lt.segment.buf, 128 + 40, _native.gettid())
+t = threading.Thread(target=call)
+t.start()
+inside.wait(10)
+threading.Event().wait(0.1)  # let it go to sleep inside the call (not a correctness wait)
+lt.close()
+t.join(20)
+assert not t.is_alive() and len(errors) == 1 and "closed" in errors[0], errors
+print("ok", flush=True)
+'''
+
+
+@pytest.mark.parametrize("what", ["wait", "set"])
+def test_closing_while_another_thread_is_inside_a_call_wakes_it_instead_of_crashing(seg_name,
+                                                                                     what):
+    from procs import run_python
+
+    lt = Latest.create(seg_name, 64)
+    try:
+        proc = run_python(CLOSE_WHILE_BUSY, seg_name, what, timeout=60, check=False)
+        assert proc.returncode == 0 and proc.stdout.split() == ["ok"], (proc.returncode,
+                                                                        proc.stderr)
+    finally:
+        lt.close()
+        lt.unlink()
+
+
+def test_forked_child_can_close_a_latest_a_parent_thread_was_waiting_on(latest):
+    import os
+    import signal
+    import time
+
+    started = threading.Event()
+
+    def wait():
+        started.set()
+        latest.wait(0, timeout=30)
+    t = threading.Thread(target=wait)
+    t.start()
+    started.wait(10)
+    time.sleep(0.1)  # let it reach the sleep (not a correctness wait)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)  # a hang fails the test instead of blocking it
+        code = 1
+        try:
+            latest.set(b"from the child")
+            latest.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    t.join(30)
+    assert os.waitstatus_to_exitcode(status) == 0 and not t.is_alive()
+    assert latest.get() == b"from the child"
+
+
+def test_set_nowait_raises_while_another_writer_holds_the_lock(latest):
+    import struct
+
+    from shmkit import _native
+
+    latest.set_nowait(b"a")
+    latest.set_array_nowait(np.arange(4))
+    assert np.array_equal(latest.get_array(), np.arange(4))
+    # a live writer holds the lock: this thread (so only other threads wait for it)
+    struct.pack_into("<I", latest.segment.buf, 128 + 40, _native.gettid())
+    other = []
+    t = threading.Thread(target=lambda: other.append(pytest.raises(WaitTimeoutError,
+                                                                  latest.set_nowait, b"b")))
+    t.start()
+    t.join(30)
+    struct.pack_into("<I", latest.segment.buf, 128 + 40, 0)
+    assert other and latest.get_array().tolist() == [0, 1, 2, 3]

@@ -190,7 +190,8 @@ from shmkit.errors import QueueClosed
 b = Broadcast.open(sys.argv[1]); start = sys.argv[2]
 before = b.stats()["published"]
 s = b.subscribe(start)
-after = b.stats()["published"]
+stats = b.stats()
+after, oldest = stats["published"], stats["oldest_seq"]
 print("joined", flush=True)
 first = prev = check(s.receive(timeout=60))
 count = 1
@@ -201,7 +202,7 @@ try:
         prev, count = i, count + 1
 except QueueClosed:
     pass
-print(before, after, first, prev, count, flush=True)
+print(before, after, first, prev, count, oldest, flush=True)
 '''
 
 
@@ -227,19 +228,20 @@ def test_subscribers_joining_mid_stream_start_where_documented(seg_name):
         for start, child in joiners:
             out, err = stop(child, timeout=120)
             assert child.returncode == 0, err
-            before, after, first, last, count = map(int, out.split())
-            results.append((start, before, after, first, last, count))
+            before, after, first, last, count, oldest = map(int, out.split())
+            results.append((start, before, after, first, last, count, oldest))
         out, err = stop(pub, timeout=120)
         assert pub.returncode == 0, err
         n = int(out.split()[1])
-        for start, before, after, first, last, count in results:
+        for start, before, after, first, last, count, oldest in results:
             assert last == n - 1 and count == n - first  # nothing lost after the first
             if start == "next":
                 # every message published after subscribe() returned, and none from before
                 assert before <= first <= after
             else:
-                # the oldest retained message: at or before the join (when any is retained)
-                assert first <= after
+                # the oldest retained message when it joined; from then on the joiner holds
+                # the tail there (block policy), so it is still the oldest just after
+                assert first == oldest <= after
     finally:
         for child in [pub] + [c for _, c in (joiners or [])]:
             if child is not None:

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import re
 import struct
 import threading
 import time
@@ -507,17 +508,24 @@ class Publisher(_native.BcastPublisher):
             BufferError: a view of `buf` outlived the block (the message is published anyway).
         """
         window = self._reserve_begin(size, timeout)
-        view = memoryview(window)
+        completed = escaped = False
         try:
-            yield view
-        except BaseException:
-            view.release()
-            self._reserve_abort()
-            raise
-        view.release()
-        if self._reserve_commit():
-            raise BufferError("a view of the reserved message outlived its with block; "
-                              "copy what you need inside the block")
+            view = memoryview(window)
+            try:
+                yield view
+                completed = True
+            finally:
+                try:
+                    view.release()
+                except BufferError:  # something still holds a buffer of `view` itself
+                    escaped = True
+        finally:
+            # always end the reservation, or the publisher would refuse every later call
+            alive = self._reserve_commit() if completed else self._reserve_abort()
+        if escaped or alive:
+            raise BufferError(f"a view of the message reserved on broadcast "
+                              f"{self._broadcast._label} outlived its with block (the message "
+                              f"was published); copy what you need inside the block")
 
     def publish_array(self, array, timeout: float | None = None) -> None:
         """Publish a numpy array: dtype and shape travel with the data (one copy, no pickle).
@@ -538,6 +546,15 @@ class Publisher(_native.BcastPublisher):
                 dst = np.ndarray(arr.shape, arr.dtype, buffer=buf, offset=len(head))
                 dst[...] = arr
                 del dst
+
+    def publish_many_nowait(self, messages) -> int:
+        """`publish_many` without waiting for room: `Full` (with the count published so far
+        in a note) as soon as a message does not fit."""
+        return self.publish_many(messages, 0)
+
+    def publish_array_nowait(self, array) -> None:
+        """`publish_array` without waiting for room (`Full` at once)."""
+        self.publish_array(array, 0)
 
     def __enter__(self) -> "Publisher":
         return self
@@ -592,15 +609,23 @@ class Subscriber(_native.BcastSubscriber):
             BufferError: a view of the message outlived the block.
         """
         window = self._view_begin(timeout)
-        view = memoryview(window)
+        escaped = False
         try:
-            yield view
+            view = memoryview(window)
+            try:
+                yield view
+            finally:
+                try:
+                    view.release()
+                except BufferError:  # something still holds a buffer of `view` itself
+                    escaped = True
         finally:
-            view.release()
+            # always end the view, or the subscriber would refuse every later call
             alive = self._view_end()
-        if alive:
-            raise BufferError("a view of the received message outlived its with block; copy "
-                              "what you need inside the block")
+        if escaped or alive:
+            raise BufferError(f"a view of a message received from broadcast "
+                              f"{self._broadcast._label} outlived its with block; copy what "
+                              f"you need inside the block")
 
     def receive_array(self, timeout: float | None = None):
         """Receive a numpy array sent with `Publisher.publish_array` (one copy, writable).
@@ -612,11 +637,21 @@ class Subscriber(_native.BcastSubscriber):
         import numpy as np
 
         with self.receive_view(timeout) as view:
-            dtype, shape, start, nbytes = _parse_array(view)
+            dtype, shape, start, nbytes = _parse_array(
+                view, f"broadcast {self._broadcast._label}")
             out = np.empty(shape, dtype)
             out.reshape(-1).view(np.uint8)[:] = np.frombuffer(view, np.uint8, count=nbytes,
                                                               offset=start)
         return out
+
+    def receive_many_nowait(self, max_messages: int) -> list:
+        """`receive_many` without waiting: what is there now, up to `max_messages` (`Empty`
+        if nothing is)."""
+        return self.receive_many(max_messages, 0)
+
+    def receive_array_nowait(self):
+        """`receive_array` without waiting (`Empty` if no message is there)."""
+        return self.receive_array(0)
 
     def __iter__(self) -> Iterator[bytes]:
         while True:
@@ -669,30 +704,111 @@ def _array_header(arr) -> bytes:
     return head + b"\0" * (_round_up(len(head), 16) - len(head))
 
 
-def _parse_array(buf) -> tuple:
-    """(dtype, shape, data offset, nbytes) of an array message; ValueError if it is not one."""
+def _parse_array(buf, owner: str) -> tuple:
+    """(dtype, shape, data offset, nbytes) of an array message; ValueError if it is not one.
+
+    The frame comes from shared memory, which any process with write access may have
+    scribbled on: every field is checked, and the dtype text is parsed by `_parse_descr`
+    (bounded depth and size), never evaluated. `owner` names the channel in messages.
+    """
     import numpy as np
 
     size = len(buf)
-    bad = "message is not an array message"
+    bad = f"the message from {owner} is not an array message"
     if size < _ARRAY_HEAD.size:
         raise ValueError(f"{bad} (too short)")
     magic, ndim, kind, tlen, nbytes = _ARRAY_HEAD.unpack_from(buf, 0)
     end = _ARRAY_HEAD.size + 8 * ndim + tlen
-    if magic != _ARRAY_MAGIC or end > size:
+    if magic != _ARRAY_MAGIC or end > size or kind not in (0, 1):
         raise ValueError(f"{bad} (bad header)")
     shape = struct.unpack_from(f"<{ndim}Q", buf, _ARRAY_HEAD.size)
-    text = bytes(buf[_ARRAY_HEAD.size + 8 * ndim:end]).decode("ascii", "replace")
     try:
-        dtype = np.dtype(text) if kind == 0 else np.lib.format.descr_to_dtype(
-            ast.literal_eval(text))
-    except (ValueError, TypeError, SyntaxError) as exc:
-        raise ValueError(f"{bad} (bad dtype {text!r})") from exc
+        text = bytes(buf[_ARRAY_HEAD.size + 8 * ndim:end]).decode("utf-8")
+        if kind == 0:
+            if not _DTYPE_STR.fullmatch(text):
+                raise ValueError("not a dtype string")
+            dtype = np.dtype(text)
+        else:
+            dtype = np.lib.format.descr_to_dtype(_parse_descr(text))
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError, SyntaxError) as exc:
+        # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{bad} (bad dtype: {exc})") from None
     start = _round_up(end, 16)
     if dtype.hasobject or _count(shape) * dtype.itemsize != nbytes or start + nbytes > size:
         raise ValueError(f"{bad} (shape {shape} and dtype {dtype} do not match its {size} "
                          f"bytes)")
     return dtype, tuple(shape), start, nbytes
+
+
+# The dtype text of a plain array is `dtype.str`: byte order, type code, size, unit.
+_DTYPE_STR = re.compile(r"[<>|=][A-Za-z][0-9]{0,10}(\[[0-9A-Za-z]{1,12}\])?")
+
+# A structured dtype travels as repr(numpy.lib.format.dtype_to_descr(dtype)): lists and
+# tuples of strings and integers. It is parsed here, not with ast.literal_eval: the text comes
+# from shared memory, and literal_eval turns deeply nested or long operator chains into
+# RecursionError or MemoryError (or worse on other Python versions).
+_ESCAPE = r"""\\(?:[\\'"abfnrtv]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})"""
+_DESCR_TOKENS = re.compile(rf"""\s*(?:
+    (?P<str>'(?:[^'\\\n]|{_ESCAPE})*'|"(?:[^"\\\n]|{_ESCAPE})*")
+  | (?P<int>-?[0-9]{{1,20}})
+  | (?P<punct>[()\[\],])
+)""", re.VERBOSE)
+_DESCR_DEPTH = 64
+
+
+def _parse_descr(text: str):
+    """The value of a dtype description written by repr(dtype_to_descr(...)).
+
+    Raises:
+        ValueError: anything but strings, integers, lists and tuples nested at most
+            _DESCR_DEPTH deep.
+    """
+    tokens = []
+    pos, end = 0, len(text)
+    while pos < end:
+        m = _DESCR_TOKENS.match(text, pos)
+        if m is None:
+            if text[pos:].isspace():
+                break
+            raise ValueError(f"unexpected character at {pos} in the dtype description")
+        if m.group("str") is not None:
+            # one flat string literal: its escapes are decoded by the Python parser
+            tokens.append(("value", ast.literal_eval(m.group("str"))))
+        elif m.group("int") is not None:
+            tokens.append(("value", int(m.group("int"))))
+        else:
+            tokens.append(("punct", m.group("punct")))
+        pos = m.end()
+    tokens.append(("end", None))
+
+    def value(i: int, depth: int):
+        kind, tok = tokens[i]
+        if kind == "value":
+            return tok, i + 1
+        if kind != "punct" or tok not in "([":
+            raise ValueError("malformed dtype description")
+        if depth >= _DESCR_DEPTH:
+            raise ValueError("dtype description nested too deeply")
+        close = ")" if tok == "(" else "]"
+        items, comma, i = [], False, i + 1
+        while tokens[i] != ("punct", close):
+            item, i = value(i, depth + 1)
+            items.append(item)
+            comma = tokens[i] == ("punct", ",")
+            if comma:
+                i += 1
+            elif tokens[i] != ("punct", close):
+                raise ValueError("malformed dtype description")
+        if tok == "[":
+            return items, i + 1
+        if len(items) == 1 and not comma:
+            return items[0], i + 1  # a parenthesised value, not a tuple
+        return tuple(items), i + 1
+
+    result, i = value(0, 0)
+    if tokens[i][0] != "end":
+        raise ValueError("malformed dtype description")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -804,6 +920,14 @@ class Latest(_native.LatestCore):
         arr = np.asarray(array)
         self.set(_array_header(arr) + arr.tobytes(), timeout)
 
+    def set_nowait(self, data) -> None:
+        """`set` without waiting for another writer (`WaitTimeoutError` if one is copying)."""
+        self.set(data, 0)
+
+    def set_array_nowait(self, array) -> None:
+        """`set_array` without waiting for another writer."""
+        self.set_array(array, 0)
+
     def get_array(self):
         """The newest value as a numpy array (written with `set_array`).
 
@@ -814,7 +938,7 @@ class Latest(_native.LatestCore):
         import numpy as np
 
         raw = self.get()
-        dtype, shape, start, _nbytes = _parse_array(raw)
+        dtype, shape, start, _nbytes = _parse_array(raw, f"latest value {self._label}")
         out = np.frombuffer(raw, dtype, offset=start, count=_count(shape))
         return out.reshape(shape).copy()
 

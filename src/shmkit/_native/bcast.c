@@ -31,12 +31,14 @@
  * - overwrite policy: the tail moves as far as the next record needs; nobody waits.
  * - block policy: the tail never passes the read position of an active subscriber. Before
  *   choosing a new tail the publisher stores how far it may go (`intent_pos`, never past the
- *   head), then (seq_cst fence) scans the slots. A joining subscriber stores its slot, then
- *   (seq_cst fence) reads the intent, and when it is ahead of its start it restarts from the
- *   head pair (which is at or past the intent). Either the publisher sees the joiner or the
- *   joiner sees the intent (store-buffering with fences on both sides), so no message the
- *   joiner needs is ever freed. A subscriber that is dead or makes no progress for longer
- *   than the grace period while the publisher waits on it is evicted.
+ *   published head), then (seq_cst fence) scans the slots, moves the tail, and lowers the
+ *   intent to the new tail (the round is over). A joining subscriber stores its slot, then
+ *   (seq_cst fence) reads the intent, and when it is above its start it reads its start again
+ *   (the tail once the round is over, or the head, which is at or past the intent) and
+ *   repeats. Either the publisher sees the joiner or the joiner sees the intent
+ *   (store-buffering with fences on both sides), so no message the joiner needs is ever
+ *   freed. A subscriber that is dead or makes no progress for longer than the grace period
+ *   while the publisher waits on it is evicted.
  * - wake-ups: a sleeper raises a flag (`wake_subs`, `pub_waiting`) before re-checking and
  *   sleeping, and the other side checks the flag after a seq_cst fence and clears it by
  *   exchange before waking: nobody makes a system call when nobody sleeps, each sleep costs
@@ -69,6 +71,13 @@
 #define BC_FLAG_PAD 1u
 #define BC_MAX_SUBSCRIBERS 4096u
 #define BC_MIN_CAPACITY 128u
+/* Positions count bytes since creation. Any position read from the segment above this limit
+ * is damage, so that position arithmetic (pos + record size, pos + capacity) can never wrap a
+ * u64. A publisher reaches it after 4 EiB, and then refuses to publish. */
+#define BC_POS_LIMIT (1ULL << 62)
+/* A joining block-policy subscriber retries this many times while the publisher is in the
+ * middle of moving the tail (see sub_attach). */
+#define BC_JOIN_TRIES 1000
 
 /* Publisher waits: sleep slices (so a dead or stalled subscriber is noticed) and how often
  * subscriber liveness is checked (task_alive reads /proc). */
@@ -353,8 +362,8 @@ static int map_open(bc_map *m, PyObject *buffer, bc_geom g, PyObject *name, PyOb
 {
     Py_INCREF(name);
     Py_INCREF(label);
-    m->name = name;
-    m->label = label;
+    Py_XSETREF(m->name, name); /* a retried _attach replaces those of the failed one */
+    Py_XSETREF(m->label, label);
     if (g.max_subs == 0 || g.max_subs > BC_MAX_SUBSCRIBERS || g.cap < BC_MIN_CAPACITY ||
         g.cap % 64 != 0 || g.cap > (UINT64_MAX >> 8) || g.max_msg > g.cap / 2 - BC_REC_HDR ||
         (g.policy != BC_OVERWRITE && g.policy != BC_BLOCK)) {
@@ -431,9 +440,13 @@ static int parse_geom(PyObject *args, PyObject **buffer, bc_geom *g, PyObject **
 
 /* A busy flag read and written only with the GIL held (every method holds it except while
  * sleeping), so taking it costs two plain stores. A thread that finds it busy (another one
- * sleeps inside a call) polls with the GIL released; that contention is rare. */
+ * sleeps inside a call) polls with the GIL released; that contention is rare. The flag also
+ * records the process: in a child forked while a thread of the parent was inside a call,
+ * that thread does not exist, so the flag is stale and is ignored (or close() would wait
+ * forever). */
 typedef struct {
     int busy;
+    uint32_t pid;
     unsigned long owner;
 } bc_lock;
 
@@ -441,6 +454,8 @@ typedef struct {
 static int lock_acquire(bc_lock *l, bc_deadline *dl, const char *what)
 {
     unsigned long me = PyThread_get_thread_ident();
+    if (l->busy && l->pid != shmkit_bcast_getpid())
+        l->busy = 0; /* held by a thread of the parent when this process was forked */
     if (l->busy) {
         if (l->owner == me) {
             PyErr_Format(PyExc_RuntimeError,
@@ -460,6 +475,7 @@ static int lock_acquire(bc_lock *l, bc_deadline *dl, const char *what)
         }
     }
     l->busy = 1;
+    l->pid = shmkit_bcast_getpid();
     l->owner = me;
     return 1;
 }
@@ -525,8 +541,10 @@ static int win_traverse(PyObject *self, visitproc visit, void *arg)
 static int win_clear(PyObject *self)
 {
     BcWindow *w = (BcWindow *)self;
-    if (w->exports == 0) /* an exported window must keep the mapping alive */
+    if (w->exports == 0) { /* an exported window must keep the mapping alive */
+        w->ptr = NULL;     /* no new export may count into the owner we drop */
         Py_CLEAR(w->owner);
+    }
     return 0;
 }
 
@@ -839,6 +857,10 @@ static int pub_wait_room(BcPub *p, uint64_t want, bc_deadline *dl)
             if (ps > p->tail_pos)
                 pub_set_tail(p, sq, ps, o);
         }
+        /* the round is over: the intent falls back to the tail, so that a subscriber joining
+         * at the oldest message while we sleep is not sent to the head (release: after the
+         * tail, pairs with the acquire in sub_attach) */
+        STORE(&c->intent_pos, p->tail_pos, release);
         if (p->tail_pos >= required)
             break;
         /* 4. blocked: deal with dead and stalled subscribers, then sleep */
@@ -862,7 +884,8 @@ static int pub_wait_room(BcPub *p, uint64_t want, bc_deadline *dl)
             if (!announced)
                 required = target;
             STORE(&c->pub_wait_pos, target, relaxed);
-            STORE(&c->pub_waiting, 1, relaxed);
+            /* release: a subscriber that sees the flag (acquire) sees this round's mark */
+            STORE(&c->pub_waiting, 1, release);
             atomic_thread_fence(memory_order_seq_cst); /* pairs with sub_store_pos */
             announced = 1;
             continue; /* scan once more with the flag visible */
@@ -875,7 +898,10 @@ static int pub_wait_room(BcPub *p, uint64_t want, bc_deadline *dl)
             break;
         }
         if (p->closing) {
-            PyErr_SetString(PyExc_ValueError, "the publisher was closed while waiting");
+            PyErr_Format(PyExc_ValueError,
+                         "the publisher of broadcast %U was closed by another thread while "
+                         "this one waited for room",
+                         p->m.label);
             goto fail;
         }
         int64_t until = now + slice;
@@ -894,6 +920,7 @@ static int pub_wait_room(BcPub *p, uint64_t want, bc_deadline *dl)
         STORE(&c->pub_waiting, 0, relaxed);
     return rc;
 fail:
+    STORE(&c->intent_pos, p->tail_pos, release);
     if (announced)
         STORE(&c->pub_waiting, 0, relaxed);
     return -1;
@@ -906,6 +933,13 @@ static int pub_make_room(BcPub *p, uint64_t need, bc_deadline *dl)
     uint64_t cap = p->m.g.cap;
     uint64_t pad = cap - p->head_off < need ? cap - p->head_off : 0;
     uint64_t end = p->head_pos + pad + need;
+    if (end > BC_POS_LIMIT) {
+        PyErr_Format(PyExc_OverflowError,
+                     "broadcast %U has published 4 EiB, all its 62-bit positions can count; "
+                     "create a new broadcast",
+                     p->m.label);
+        return -1;
+    }
     if (p->tail_pos + cap < end) {
         uint64_t want = end - cap;
         if (p->m.g.policy == BC_OVERWRITE) {
@@ -930,6 +964,10 @@ static int pub_make_room(BcPub *p, uint64_t need, bc_deadline *dl)
         STORE(&r->flags, BC_FLAG_PAD, relaxed);
         p->head_pos += pad;
         p->head_off = 0;
+        /* publish the padding at once: the published head then always equals our head
+         * outside a commit, even when the message is dropped (an aborted reservation), which
+         * sub_attach relies on (a block-policy intent never exceeds the published head) */
+        pub_publish_head(p);
     }
     return 0;
 }
@@ -955,7 +993,9 @@ static void pub_commit_record(BcPub *p, uint64_t len)
 static int pub_check(BcPub *p)
 {
     if (!p->attached) {
-        PyErr_SetString(PyExc_ValueError, "the publisher is closed");
+        PyErr_Format(PyExc_ValueError,
+                     "this publisher of broadcast %U is closed; call publisher() for a new one",
+                     p->m.label);
         return -1;
     }
     if (p->pid != shmkit_bcast_getpid()) {
@@ -1231,7 +1271,10 @@ static PyObject *pub_reserve_end(BcPub *p, int commit)
         return NULL;
     if (!p->in_reserve) {
         lock_release(&p->lk);
-        PyErr_SetString(PyExc_RuntimeError, "no reservation is open on this publisher");
+        PyErr_Format(PyExc_RuntimeError,
+                     "no reservation is open on this publisher of broadcast %U; use reserve() "
+                     "as a with block",
+                     p->m.label);
         return NULL;
     }
     p->in_reserve = 0;
@@ -1272,7 +1315,8 @@ static int pub_load_cursors(BcPub *p)
         raise_corrupt(&p->m, "its cursors keep changing");
         return -1;
     }
-    if ((hp | tp) & 15 || tp > hp || hp - tp > cap || ts > hs || hs - ts > (hp - tp) / 16) {
+    if ((hp | tp) & 15 || hp > BC_POS_LIMIT || tp > hp || hp - tp > cap || ts > hs ||
+        hs - ts > (hp - tp) / 16) {
         raise_corrupt(&p->m, "its head and tail cursors are inconsistent");
         return -1;
     }
@@ -1295,6 +1339,9 @@ static int pub_load_cursors(BcPub *p)
     /* the words readers use may lag the pairs by one step if the last holder died between */
     STORE(&c->tail_pos, tp, release);
     STORE(&c->head_pos, hp, release);
+    /* a holder killed in the middle of a block-policy round left its intent above the tail:
+     * joining subscribers asking for the oldest message would start at the head instead */
+    STORE(&c->intent_pos, tp, release);
     return 0;
 }
 
@@ -1320,6 +1367,9 @@ static PyObject *pub_attach(PyObject *self, PyObject *args)
         return NULL;
     if (map_open(&p->m, buffer, g, name, label) < 0)
         goto fail;
+    PyMem_Free(p->stall_word); /* from a failed earlier _attach, if any */
+    PyMem_Free(p->stall_pos);
+    PyMem_Free(p->stall_since);
     p->stall_word = PyMem_Calloc(g.max_subs, sizeof(uint64_t));
     p->stall_pos = PyMem_Calloc(g.max_subs, sizeof(uint64_t));
     p->stall_since = PyMem_Calloc(g.max_subs, sizeof(int64_t));
@@ -1333,7 +1383,13 @@ static PyObject *pub_attach(PyObject *self, PyObject *args)
     uint32_t previous = 0;
     for (int tries = 0;; tries++) {
         uint32_t holder = W_PID(w);
-        if (holder != 0 && (holder == me || shmkit_task_alive(holder))) {
+        /* Our own pid is live unless the holder was an earlier process that had the same pid
+         * (pid reuse, e.g. a restarted publisher): its start time differs from ours. The role
+         * is claimed with the GIL held until pub_start is stored, so no thread of this
+         * process can see our pid with an older start time. */
+        int live = holder == me ? LOAD(&c->pub_start, relaxed) == proc_start
+                                : shmkit_task_alive(holder);
+        if (holder != 0 && live) {
             PyErr_Format(shmkit_bcast_exc(shmkit_bcast_errors.pub_exists),
                          "broadcast %U already has a live publisher (pid %u%s); close it first "
                          "(a dead publisher's role is taken over automatically)",
@@ -1390,12 +1446,16 @@ static PyObject *pub_close(PyObject *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     p->closing = 1;
-    if (p->m.c != NULL) /* wake our own waiting thread, if any */
+    if (p->m.c != NULL) { /* wake our own waiting thread, if any (see sub_close) */
+        atomic_fetch_add(&p->m.c->space_event, 1);
         shmkit_futex_wake(&p->m.c->space_event, INT_MAX);
+    }
     bc_deadline forever = dl_make(-1);
     int rc = lock_acquire(&p->lk, &forever, "close");
-    if (rc <= 0)
+    if (rc <= 0) {
+        p->closing = 0; /* interrupted: the publisher stays usable */
         return NULL;
+    }
     if (end && p->attached && pub_check(p) == 0) {
         STORE(&p->m.c->ended, 1, release);
         atomic_fetch_add(&p->m.c->head_event, 1);
@@ -1552,11 +1612,14 @@ static PyObject *sub_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 }
 
 /* Has the tail stayed at or below our cursor? Called after copying: the acquire fence keeps
- * the copy's loads before the tail load (pairs with the release fence in pub_set_tail). */
+ * the copy's loads before the tail load (pairs with the release fence in pub_set_tail). The
+ * tail load itself is an acquire too (pairs with the release store in pub_set_tail): when it
+ * says the tail passed us, sub_relocate's later loads of the tail pair must see that move,
+ * not an older pair (weakly ordered CPUs may otherwise satisfy them first). */
 static inline int sub_tail_ok(BcSub *s)
 {
     atomic_thread_fence(memory_order_acquire);
-    return LOAD(&s->m.c->tail_pos, relaxed) <= s->read_pos;
+    return LOAD(&s->m.c->tail_pos, acquire) <= s->read_pos;
 }
 
 /* Look at the record at our cursor, skipping a padding record. */
@@ -1621,7 +1684,7 @@ static void sub_store_pos(BcSub *s)
     STORE(&s->slot->read_pos, s->read_pos, release); /* pairs with the scan in pub_wait_room */
     if (s->m.g.policy == BC_BLOCK) {
         atomic_thread_fence(memory_order_seq_cst); /* pairs with the announce in pub_wait_room */
-        if (LOAD(&c->pub_waiting, relaxed) && s->read_pos >= LOAD(&c->pub_wait_pos, relaxed)) {
+        if (LOAD(&c->pub_waiting, acquire) && s->read_pos >= LOAD(&c->pub_wait_pos, relaxed)) {
             /* the first subscriber past the mark wakes the publisher; it re-arms the flag
              * if it still has to wait for others */
             uint32_t one = 1;
@@ -1667,7 +1730,10 @@ static int sub_relocate(BcSub *s, uint64_t *missed)
         raise_corrupt(&s->m, "its tail cursor keeps changing");
         return -1;
     }
-    if (tp <= s->read_pos || (tp & 15) || ts < s->next_seq ||
+    /* the tail never passes the head (it moves before the head does; acquire: pair_read's
+     * acquire of the tail pair orders this load after it) */
+    uint64_t hp = LOAD(&s->m.c->head_pos, acquire);
+    if (tp <= s->read_pos || (tp & 15) || tp > hp || tp > BC_POS_LIMIT || ts < s->next_seq ||
         ts - s->next_seq > (tp - s->read_pos) / BC_REC_HDR) {
         raise_corrupt(&s->m, "its tail cursor is inconsistent");
         return -1;
@@ -1749,6 +1815,10 @@ static int sub_wait(BcSub *s, bc_deadline *dl)
          * reads the flag (both seq_cst), so one of us sees the other */
         STORE(&s->slot->waiting, 1, relaxed); /* for inspection only */
         atomic_exchange(&c->wake_subs, 1);
+        /* seq_cst fence: the flag store is ordered before the head load in sub_ready (pairs
+         * with the fence in pub_notify). The exchange alone does not order a later acquire
+         * load on weakly ordered CPUs (an RCpc load may pass it), which would lose a wake-up */
+        atomic_thread_fence(memory_order_seq_cst);
         uint32_t event = LOAD(&c->head_event, acquire);
         int rc = sub_ready(s) ? 1 : shmkit_wait_u32(&c->head_event, event, deadline, 0);
         STORE(&s->slot->waiting, 0, relaxed);
@@ -1759,9 +1829,11 @@ static int sub_wait(BcSub *s, bc_deadline *dl)
     }
 }
 
-static int raise_closed_object(void)
+static int raise_closed_object(BcSub *s)
 {
-    PyErr_SetString(PyExc_ValueError, "the subscriber is closed");
+    PyErr_Format(PyExc_ValueError,
+                 "this subscriber of broadcast %U is closed; call subscribe() for a new one",
+                 s->m.label);
     return -1;
 }
 
@@ -1790,7 +1862,7 @@ static int sub_next(BcSub *s, bc_deadline *dl, const char **data, uint32_t *len)
             return -1;
         }
         if (s->closing)
-            return raise_closed_object();
+            return raise_closed_object(s);
         if (LOAD(&s->m.c->ended, acquire)) {
             /* ended is stored after the last head: re-check the head once */
             if (LOAD(&s->m.c->head_pos, acquire) > s->read_pos)
@@ -1819,16 +1891,19 @@ static int sub_enter(BcSub *s, bc_deadline *dl, const char *what)
     }
     if (rc < 0)
         return -1;
+    if (!s->attached) {
+        lock_release(&s->lk);
+        return raise_closed_object(s);
+    }
     const char *bad = NULL;
-    if (!s->attached)
-        bad = "the subscriber is closed";
-    else if (s->in_view)
-        bad = "a receive_view is open on this subscriber; leave its with block first";
+    if (s->in_view)
+        bad = "a receive_view is open on it; leave its with block first";
     else if (s->pid != shmkit_bcast_getpid())
-        bad = "this subscriber belongs to the parent process; subscribe again in the child";
+        bad = "it belongs to the parent process; call subscribe() in this child";
     if (bad != NULL) {
         lock_release(&s->lk);
-        PyErr_SetString(PyExc_RuntimeError, bad);
+        PyErr_Format(PyExc_RuntimeError, "cannot use this subscriber of broadcast %U: %s",
+                     s->m.label, bad);
         return -1;
     }
     return 0;
@@ -2058,7 +2133,10 @@ static PyObject *sub_view_end(PyObject *self, PyObject *unused)
         return NULL;
     if (!s->in_view) {
         lock_release(&s->lk);
-        PyErr_SetString(PyExc_RuntimeError, "no receive_view is open on this subscriber");
+        PyErr_Format(PyExc_RuntimeError,
+                     "no receive_view is open on this subscriber of broadcast %U; use "
+                     "receive_view() as a with block",
+                     s->m.label);
         return NULL;
     }
     s->in_view = 0;
@@ -2066,7 +2144,7 @@ static PyObject *sub_view_end(PyObject *self, PyObject *unused)
     Py_CLEAR(s->view_win);
     PyObject *result = NULL;
     if (!s->attached) {
-        raise_closed_object();
+        raise_closed_object(s);
     } else if (sub_check_slot(s) < 0) {
         /* evicted while the view was open (block policy) */
     } else if (!sub_tail_ok(s)) {
@@ -2156,34 +2234,44 @@ static PyObject *sub_attach(PyObject *self, PyObject *args)
     STORE(&sl->tid, shmkit_gettid(), relaxed);
     STORE(&sl->proc_start, proc_start, relaxed);
     STORE(&sl->joined_ns, joined_ns ? joined_ns : (uint64_t)realtime_ns(), relaxed);
-    uint64_t seq, pos;
-    if (pair_read(start_oldest ? &c->tail : &c->head, &seq, &pos) < 0 || (pos & 15)) {
-        STORE(&sl->word, slot_word(0, W_GEN(jw), BC_FREE), release);
-        raise_corrupt(&s->m, "its cursors are invalid");
-        goto fail;
-    }
-    STORE(&sl->read_seq, seq, relaxed);
-    STORE(&sl->start_seq, seq, relaxed);
-    STORE(&sl->read_pos, pos, release);
-    uint64_t aw = slot_word(me, W_GEN(jw), BC_ACTIVE);
-    STORE(&sl->word, aw, release); /* pos before state: a publisher seeing ACTIVE sees pos */
-    if (g.policy == BC_BLOCK) {
-        /* the publisher may be choosing a tail past pos right now: see the file comment */
-        for (int i = 0; i < 1000; i++) {
-            atomic_thread_fence(memory_order_seq_cst);
-            if (LOAD(&c->intent_pos, acquire) <= pos)
-                break;
-            /* the tail may pass our start: restart at the head, which is at or past the
-             * intent (the acquire above pairs with the release store of the intent) */
-            uint64_t hs, hp;
-            if (pair_read(&c->head, &hs, &hp) < 0 || (hp & 15) || hp <= pos)
-                break; /* garbage: never trust it to move us */
-            seq = hs;
-            pos = hp;
-            STORE(&sl->read_seq, seq, relaxed);
-            STORE(&sl->start_seq, seq, relaxed);
-            STORE(&sl->read_pos, pos, release);
+    /* Block policy: the publisher may be choosing a tail past our start right now (see the
+     * file comment). After storing our position we read the intent; if it is above our
+     * position the publisher may not have seen us, so we read our start again: the tail
+     * (start="oldest") once the round is over (the publisher then lowers the intent to the
+     * new tail, and the acquire load of the intent orders the re-read after it), else the
+     * head, which is always at or past the intent. A publisher killed in the middle of a
+     * round leaves its intent up: after BC_JOIN_TRIES an "oldest" joiner starts at the head.
+     * An intent that stays above the head is damage. */
+    bc_pair *source = start_oldest ? &c->tail : &c->head;
+    uint64_t seq = 0, pos = 0, aw = slot_word(me, W_GEN(jw), BC_ACTIVE);
+    const char *bad = NULL;
+    for (int tries = 0;; tries++) {
+        if (pair_read(source, &seq, &pos) < 0 || (pos & 15) || pos > BC_POS_LIMIT) {
+            bad = "its cursors are invalid";
+            break;
         }
+        STORE(&sl->read_seq, seq, relaxed);
+        STORE(&sl->start_seq, seq, relaxed);
+        STORE(&sl->read_pos, pos, release);
+        if (tries == 0) /* pos before state: a publisher seeing ACTIVE sees pos */
+            STORE(&sl->word, aw, release);
+        if (g.policy != BC_BLOCK)
+            break;
+        atomic_thread_fence(memory_order_seq_cst); /* pairs with the fence in pub_wait_room */
+        if (LOAD(&c->intent_pos, acquire) <= pos)
+            break;
+        if (tries == BC_JOIN_TRIES) {
+            source = &c->head;
+        } else if (tries == 2 * BC_JOIN_TRIES) {
+            bad = "its intent cursor stays past its head";
+            break;
+        }
+        shmkit_cpu_relax();
+    }
+    if (bad != NULL) {
+        STORE(&sl->word, slot_word(0, W_GEN(jw), BC_FREE), release);
+        raise_corrupt(&s->m, bad);
+        goto fail;
     }
     s->slot = sl;
     s->slot_index = (uint32_t)idx;
@@ -2211,12 +2299,19 @@ static PyObject *sub_close(PyObject *self, PyObject *unused)
         return NULL;
     }
     s->closing = 1;
-    if (s->m.c != NULL) /* wake our own waiting thread, if any */
+    if (s->m.c != NULL) {
+        /* wake our own waiting thread, if any. Bump the word first: a thread that checked
+         * `closing` just before we set it is about to sleep on the old value, and the bump
+         * makes that sleep return at once instead of lasting until its timeout */
+        atomic_fetch_add(&s->m.c->head_event, 1);
         shmkit_futex_wake(&s->m.c->head_event, INT_MAX);
+    }
     bc_deadline forever = dl_make(-1);
     int rc = lock_acquire(&s->lk, &forever, "close");
-    if (rc <= 0)
+    if (rc <= 0) {
+        s->closing = 0; /* interrupted: the subscriber stays usable */
         return NULL;
+    }
     sub_detach(s);
     lock_release(&s->lk);
     Py_RETURN_NONE;
@@ -2227,7 +2322,7 @@ static PyObject *sub_publisher_alive(PyObject *self, PyObject *unused)
     BcSub *s = (BcSub *)self;
     (void)unused;
     if (s->m.c == NULL)
-        return raise_closed_object(), NULL;
+        return raise_closed_object(s), NULL;
     uint32_t pid = W_PID(LOAD(&s->m.c->pub_word, acquire));
     return PyBool_FromLong(pid != 0 && shmkit_task_alive(pid));
 }

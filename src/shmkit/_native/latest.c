@@ -16,6 +16,10 @@
  *
  * Writers take a small lock (the holder's thread id in `writer`); a holder that died is
  * detected with shmkit_task_alive and the lock is taken from it. Readers take no lock.
+ *
+ * Within a process: get, set and wait may release the GIL while they hold raw pointers into
+ * the mapping, so each counts itself in `busy`; close() wakes them, waits for them to leave
+ * (they raise ValueError) and only then releases the mapping.
  */
 #include "native.h"
 #include "bcast.h"
@@ -26,6 +30,7 @@
 #include <stddef.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "Latest waits on the low half of a u64: little-endian only"
@@ -74,7 +79,17 @@ typedef struct {
     uint32_t nslots;
     PyObject *name, *label;
     PyObject *weakrefs;
+    int busy;          /* calls in progress in this process (they may release the GIL) */
+    int closing;       /* close() is waiting for them */
+    uint32_t busy_pid; /* the process `busy` counts in: a forked child starts from zero */
 } LtObj;
+
+/* The Latest objects whose calls this thread is inside (more than one only when a signal
+ * handler calls into a Latest while a call waits): close() from there must not wait for
+ * itself. */
+#define LT_NEST 8
+static __thread LtObj *lt_inside[LT_NEST];
+static __thread int lt_depth;
 
 static uint64_t lt_stride(uint64_t max_size)
 {
@@ -92,10 +107,49 @@ static void lt_corrupt(LtObj *o, const char *why)
 static int lt_check(LtObj *o)
 {
     if (!o->have_buf) {
-        PyErr_SetString(PyExc_ValueError, "the Latest object is closed");
+        PyErr_Format(PyExc_ValueError, "latest value %U is closed; open it again",
+                     o->label != NULL ? o->label : Py_None);
         return -1;
     }
     return 0;
+}
+
+/* Start a call that may release the GIL: the mapping stays until lt_leave. */
+static int lt_enter(LtObj *o)
+{
+    if (lt_check(o) < 0)
+        return -1;
+    uint32_t me = shmkit_bcast_getpid();
+    if (o->busy_pid != me) { /* counted by threads of the parent, which do not exist here */
+        o->busy_pid = me;
+        o->busy = 0;
+        o->closing = 0;
+    }
+    if (o->closing) {
+        PyErr_Format(PyExc_ValueError, "latest value %U is being closed", o->label);
+        return -1;
+    }
+    o->busy++;
+    if (lt_depth < LT_NEST)
+        lt_inside[lt_depth] = o;
+    lt_depth++;
+    return 0;
+}
+
+static void lt_leave(LtObj *o)
+{
+    o->busy--;
+    lt_depth--;
+}
+
+/* After re-taking the GIL inside a call: did close() start meanwhile? */
+static int lt_closed_meanwhile(LtObj *o)
+{
+    if (!o->closing)
+        return 0;
+    PyErr_Format(PyExc_ValueError,
+                 "latest value %U was closed by another thread during this call", o->label);
+    return 1;
 }
 
 static void lt_release(LtObj *o)
@@ -194,7 +248,7 @@ static int lt_lock(LtObj *o, int64_t deadline)
         Py_BEGIN_ALLOW_THREADS
         sched_yield();
         Py_END_ALLOW_THREADS
-        if (PyErr_CheckSignals() < 0)
+        if (PyErr_CheckSignals() < 0 || lt_closed_meanwhile(o))
             return -1;
     }
     atomic_store_explicit(&c->writer_pid, shmkit_bcast_getpid(), memory_order_relaxed);
@@ -246,14 +300,19 @@ static PyObject *lt_set(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
         PyBuffer_Release(&view);
         return NULL;
     }
+    if (lt_enter(o) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
     int rc = lt_lock(o, deadline);
     if (rc != 0) {
-        PyBuffer_Release(&view);
         if (rc == 1)
             PyErr_Format(shmkit_bcast_exc(shmkit_bcast_errors.timeout),
                          "cannot set latest value %U: another writer (tid %u) held it past the "
                          "timeout",
                          o->label, atomic_load(&o->c->writer));
+        lt_leave(o);
+        PyBuffer_Release(&view);
         return NULL;
     }
     lt_ctrl *c = o->c;
@@ -266,7 +325,8 @@ static PyObject *lt_set(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
     /* seqlock writer: the odd seq is visible before any byte of the new value */
     atomic_thread_fence(memory_order_release);
     atomic_store_explicit(&sl->len, (uint64_t)view.len, memory_order_relaxed);
-    memcpy((char *)sl + LT_SLOT_HDR, view.buf, (size_t)view.len);
+    /* memmove: the value may be a view of this very segment */
+    memmove((char *)sl + LT_SLOT_HDR, view.buf, (size_t)view.len);
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     atomic_store_explicit(&sl->written_ns, (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec,
@@ -280,6 +340,7 @@ static PyObject *lt_set(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
     if (atomic_load_explicit(&c->wake, memory_order_relaxed) != 0 &&
         atomic_exchange(&c->wake, 0) != 0)
         shmkit_futex_wake((_Atomic uint32_t *)&c->latest, INT_MAX);
+    lt_leave(o);
     Py_RETURN_NONE;
 }
 
@@ -341,6 +402,8 @@ static int lt_read(LtObj *o, uint64_t *version, PyObject **out)
             Py_BEGIN_ALLOW_THREADS
             sched_yield();
             Py_END_ALLOW_THREADS
+            if (lt_closed_meanwhile(o))
+                return -1;
         }
     }
 }
@@ -362,11 +425,12 @@ static PyObject *lt_get(PyObject *self, PyObject *unused)
 {
     LtObj *o = (LtObj *)self;
     (void)unused;
-    if (lt_check(o) < 0)
+    if (lt_enter(o) < 0)
         return NULL;
     uint64_t v;
     PyObject *out;
     int rc = lt_read(o, &v, &out);
+    lt_leave(o);
     if (rc == 0)
         lt_raise_unset(o);
     return rc == 1 ? out : NULL;
@@ -376,11 +440,12 @@ static PyObject *lt_get_versioned(PyObject *self, PyObject *unused)
 {
     LtObj *o = (LtObj *)self;
     (void)unused;
-    if (lt_check(o) < 0)
+    if (lt_enter(o) < 0)
         return NULL;
     uint64_t v;
     PyObject *out;
     int rc = lt_read(o, &v, &out);
+    lt_leave(o);
     if (rc == 0)
         return lt_raise_unset(o), NULL;
     if (rc < 0)
@@ -403,25 +468,32 @@ static PyObject *lt_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     unsigned long long after = PyLong_AsUnsignedLongLong(a[0]);
     if (after == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    if (lt_check(o) < 0)
+    if (lt_enter(o) < 0)
         return NULL;
+    PyObject *result = NULL;
     lt_ctrl *c = o->c;
     _Atomic uint32_t *word = (_Atomic uint32_t *)&c->latest;
     for (;;) {
         uint64_t n = atomic_load_explicit(&c->latest, memory_order_acquire);
-        if (n > after)
-            return PyLong_FromUnsignedLongLong(n);
+        if (n > after) {
+            result = PyLong_FromUnsignedLongLong(n);
+            break;
+        }
         int64_t now = shmkit_monotonic_ns();
         if (deadline >= 0 && now >= deadline) {
             PyErr_Format(shmkit_bcast_exc(shmkit_bcast_errors.timeout),
                          "latest value %U got no value newer than version %llu before the "
                          "timeout",
                          o->label, after);
-            return NULL;
+            break;
         }
         int rc;
         if (o->writable) {
             atomic_exchange(&c->wake, 1);
+            /* seq_cst fence: the flag is visible before latest is read again (pairs with the
+             * fence in lt_set); the exchange alone does not order a later acquire load on
+             * weakly ordered CPUs, which would lose the wake-up */
+            atomic_thread_fence(memory_order_seq_cst);
             uint64_t again = atomic_load_explicit(&c->latest, memory_order_acquire);
             rc = again > after ? 1 : shmkit_wait_u32(word, (uint32_t)again, deadline, -1);
         } else {
@@ -431,15 +503,49 @@ static PyObject *lt_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                 until = deadline;
             rc = shmkit_wait_u32(word, (uint32_t)n, until, -1);
         }
-        if (rc < 0)
-            return NULL;
+        if (rc < 0 || lt_closed_meanwhile(o))
+            break;
     }
+    lt_leave(o);
+    return result;
 }
 
 static PyObject *lt_close(PyObject *self, PyObject *unused)
 {
+    LtObj *o = (LtObj *)self;
     (void)unused;
-    lt_release((LtObj *)self);
+    if (!o->have_buf)
+        Py_RETURN_NONE;
+    if (o->busy_pid != shmkit_bcast_getpid())
+        o->busy = 0; /* counted by threads of the parent, which do not exist in this child */
+    for (int i = 0; i < lt_depth && i < LT_NEST; i++) {
+        if (lt_inside[i] == o) {
+            PyErr_Format(PyExc_RuntimeError,
+                         "cannot close latest value %U from inside one of its own calls (a "
+                         "signal handler?); close it after that call returns",
+                         o->label);
+            return NULL;
+        }
+    }
+    /* Other threads are inside calls holding pointers into the mapping: wake them (waiters
+     * sleep on latest; the wake-up is repeated because one may be about to sleep) and wait
+     * until they have left, raising ValueError. */
+    if (o->busy > 0) {
+        o->closing = 1;
+        while (o->busy > 0) {
+            shmkit_futex_wake((_Atomic uint32_t *)&o->c->latest, INT_MAX);
+            Py_BEGIN_ALLOW_THREADS
+            struct timespec ts = {0, 200000};
+            nanosleep(&ts, NULL);
+            Py_END_ALLOW_THREADS
+            if (PyErr_CheckSignals() < 0) {
+                o->closing = 0;
+                return NULL;
+            }
+        }
+        o->closing = 0;
+    }
+    lt_release(o);
     Py_RETURN_NONE;
 }
 
