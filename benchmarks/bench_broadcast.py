@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import struct
 import subprocess
@@ -44,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "src")
 sys.path.insert(0, SRC)
 
+from shmkit.bench import machine  # noqa: E402
 from shmkit.broadcast import Broadcast  # noqa: E402
 
 SMALL = 64
@@ -52,15 +52,6 @@ WAIT = 60.0  # every wait has a timeout: a stuck peer fails the run instead of h
 CHILD_ENV = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cpus, Python {platform.python_version()}"
 
 
 # -- subscriber programs (each prints "ready", then one JSON line) --------------------------------
