@@ -448,3 +448,215 @@ def test_ring_type_is_the_hot_path():
     assert type(Queue.put).__name__ == "method_descriptor"
     assert type(Queue.get).__name__ == "method_descriptor"
     assert issubclass(Queue, _native.Ring)
+
+
+# -- review regressions: C-API and ownership ----------------------------------------------------
+
+def test_put_many_copies_messages_another_thread_drops_from_the_list(seg_name):
+    """put_many waits without the GIL; meanwhile the caller's list may be cleared and its bytes
+    objects freed. What goes into the ring must still be the messages as they were passed."""
+    q = Queue.create(seg_name, capacity=1 << 16)
+    try:
+        q.put(b"f" * 65000)   # no room for the batch below until this one is taken
+        items = [bytes([65 + i]) * 600 for i in range(10)]
+        expected = [bytes([65 + i]) * 600 for i in range(10)]
+        errors = []
+        thread = threading.Thread(target=lambda: _catch(errors, q.put_many, items, timeout=30))
+        thread.start()
+        while q.stats()["waiting_producers"] == 0 and thread.is_alive():
+            threading.Event().wait(0.001)
+        items.clear()                                            # frees the bytes objects...
+        reuse = [bytes([90]) * 600 for _ in range(50)]           # ...and reuses their memory
+        assert q.get(timeout=10) == b"f" * 65000
+        thread.join(30)
+        assert not errors
+        assert q.get_many(100, timeout=10) == expected
+        del reuse
+    finally:
+        q.detach()
+
+
+def _catch(errors, func, *args, **kwargs):
+    try:
+        func(*args, **kwargs)
+    except Exception as exc:   # reported by the test
+        errors.append(exc)
+
+
+def test_put_many_puts_every_message_before_a_bad_item_even_when_a_batch_is_cut(seg_name):
+    # 4 records of 1040 bytes in a 4096-byte ring: the claim for the batch stops at the ring's
+    # end, so the messages before the bad item need more than one reservation.
+    q = Queue.create(seg_name, capacity=4096)
+    try:
+        q.put(b"w" * 1000)
+        assert q.get() == b"w" * 1000
+        with pytest.raises(TypeError) as info:
+            q.put_many([b"a" * 1000, b"b" * 1000, b"c" * 1000, "bad", b"d"])
+        assert info.value.put_count == 3
+        assert q.get_many(10) == [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+    finally:
+        q.detach()
+
+
+def test_out_of_memory_in_a_get_gives_the_message_back(q):
+    """A MemoryError inside get/get_many/get_view must not lose (or strand) a message."""
+    _testcapi = pytest.importorskip("_testcapi")
+    for name in ("get", "get_many", "get_view"):
+        for start in range(0, 30):
+            msgs = [b"%s-%d-%d" % (name.encode(), start, i) * 3 for i in range(4)]
+            q.put_many(msgs)
+            block = q.get_view(timeout=0)
+            result = None
+            _testcapi.set_nomemory(start, 0)   # allocations fail from the start-th on
+            try:
+                if name == "get":
+                    result = q.get_nowait()
+                elif name == "get_many":
+                    result = q.get_many(10, timeout=0)
+                else:
+                    result = block.__enter__()
+            except MemoryError:
+                pass
+            finally:
+                _testcapi.remove_mem_hooks()
+            if name == "get":
+                first = [] if result is None else [result]
+            elif name == "get_many":
+                first = result or []
+            else:
+                first = [] if result is None else [bytes(result)]
+                if result is not None:
+                    block.__exit__(None, None, None)
+            rest = []
+            while True:
+                try:
+                    rest.extend(q.get_many(10, timeout=0))
+                except Empty:
+                    break
+            assert first + rest == msgs, (name, start)
+            assert q.stats()["being_read"] == 0
+
+
+@pytest.mark.parametrize("kind", ["reserve", "get_view"])
+def test_zero_copy_block_finishes_its_record_when_something_pins_the_view(q, kind):
+    """pickle.PickleBuffer holds a buffer of the memoryview itself, so releasing the view
+    fails; the record must still be committed / freed, or the ring's space is held forever."""
+    if kind == "reserve":
+        with pytest.raises(BufferError):
+            with q.reserve(8) as buf:
+                buf[:] = b"pinned!!"
+                pin = pickle.PickleBuffer(buf)
+        assert q.stats()["being_written"] == 0
+        assert q.get_nowait() == b"pinned!!"
+    else:
+        q.put(b"pinned")
+        with pytest.raises(BufferError):
+            with q.get_view() as view:
+                pin = pickle.PickleBuffer(view)
+        assert q.stats()["being_read"] == 0 and q.stats()["depth_messages"] == 0
+    del pin
+    for _ in range(3):   # the whole ring is usable again
+        q.put_many([b"z" * 400] * 9, timeout=5)
+        assert len(q.get_many(100, timeout=5)) == 9
+
+
+def test_reservation_made_by_a_thread_that_exited_is_not_recovered(seg_name):
+    """Records belong to the process: a thread may reserve, exit, and another commit."""
+    q = Queue.create(seg_name, capacity=4096)
+    other = Queue.open(seg_name)
+    try:
+        held = {}
+
+        def enter():
+            held["block"] = q.reserve(8)
+            held["buf"] = held["block"].__enter__()
+            held["view_block"] = q.get_view()
+            held["view"] = held["view_block"].__enter__()
+
+        q.put(b"read me")
+        thread = threading.Thread(target=enter)
+        thread.start()
+        thread.join(10)
+        assert not other._recover()            # the process lives: nothing to recover
+        assert run_python("import sys\nfrom shmkit.queue import Queue\n"
+                          "print(Queue.open(sys.argv[1])._recover())", seg_name).stdout.split() == ["False"]
+        held["buf"][:] = b"12345678"
+        assert bytes(held["view"]) == b"read me"
+        held.pop("buf"), held.pop("view")
+        held["block"].__exit__(None, None, None)
+        held["view_block"].__exit__(None, None, None)
+        assert q.get_nowait() == b"12345678"
+        assert q.stats()["lost"] == q.stats()["aborted"] == 0
+    finally:
+        other.detach()
+        q.detach()
+
+
+def _fork_child(q, what):
+    import os
+    if what == "put_detach":
+        q.put(b"from the child")
+        q.detach()
+    elif what == "detach":
+        q.detach()
+    os._exit(0)
+
+
+def test_forked_child_leaves_the_parents_attachment_slot_alone(q):
+    import multiprocessing
+
+    q.put(b"from the parent")
+    child = multiprocessing.get_context("fork").Process(target=_fork_child, args=(q, "put_detach"))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    stats = q.stats()
+    assert stats["attached"] == 1 and stats["producers"] == 1 and stats["total_put"] == 2
+
+
+def test_forked_child_can_detach_while_a_parent_thread_waits(q):
+    import multiprocessing
+
+    waiter = threading.Thread(target=lambda: pytest.raises(QueueClosed, q.get, timeout=30))
+    waiter.start()
+    try:
+        while q.stats()["waiting_consumers"] == 0:
+            threading.Event().wait(0.001)
+        child = multiprocessing.get_context("fork").Process(target=_fork_child, args=(q, "detach"))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0   # an exception in the child would exit 1
+    finally:
+        other = Queue.open(q.name)
+        other.close()
+        waiter.join(30)
+
+
+@pytest.mark.parametrize("capacity", [4096, 1000])
+def test_positions_across_the_tag_wrap(seg_name, capacity):
+    """Tags are pos >> 4 on 38 bits: they wrap at 2^42 bytes of traffic. Start the ring just
+    before that and move 3 capacities' worth of messages across the wrap."""
+    q = Queue.create(seg_name, capacity=capacity)
+    try:
+        buf = q.segment.buf
+        cap = q.capacity
+        start = (1 << 42) - cap - (1 << 42) % 16 - 160
+        start -= start % 16
+        for cursor in (64, 128, 192):                 # tail, head, free
+            _native.store_u64(buf, 128 + cursor, start)
+        vacant = (((start >> 4) & ((1 << 38) - 1)) << 26) | (1 << 22)
+        _native.store_u64(buf, 4096 + start % cap, vacant)
+        rng = random.Random(7)
+        sent = []
+        for i in range(200):
+            msg = bytes([i % 256]) * rng.randrange(0, 200)
+            q.put(msg, timeout=5)
+            sent.append(msg)
+            if len(sent) > 3 or rng.random() < 0.5:
+                assert q.get(timeout=5) == sent.pop(0)
+        while sent:
+            assert q.get(timeout=5) == sent.pop(0)
+        assert _native.load_u64(buf, 128 + 192) > 1 << 42
+        assert "problem" not in q.stats()
+    finally:
+        q.detach()

@@ -129,6 +129,7 @@ ZYGOTE = r"""
 import os, random, struct, sys, time, zlib
 from shmkit.queue import Queue, Empty, Full, QueueClosed
 name, tmp = sys.argv[1], sys.argv[2]
+batch, max_body, take_many = map(int, sys.argv[3:6])
 stopfile = os.path.join(tmp, "stop")
 head = struct.Struct("<IIII")   # producer, incarnation, sequence, crc32 of the body
 
@@ -138,10 +139,10 @@ def produce(ident, inc):
     fd = os.open(os.path.join(tmp, "ack%d.txt" % ident), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     seq = 0
     while not os.path.exists(stopfile):
-        if seq % 5 == 1:   # a batch of three, claimed with one CAS
+        if seq % 5 == 1:   # a batch, claimed with one CAS
             msgs = []
-            for k in range(3):
-                body = rng.randbytes(rng.randrange(0, 500))
+            for k in range(batch):
+                body = rng.randbytes(rng.randrange(0, max_body // 3))
                 msgs.append(head.pack(ident, inc, seq + k, zlib.crc32(body)) + body)
             try:
                 q.put_many(msgs, timeout=0.5)
@@ -151,10 +152,10 @@ def produce(ident, inc):
                     os.write(fd, b"%d %d %d\n" % (ident, inc, seq + k))
                 seq += done
                 continue
-            os.write(fd, b"".join(b"%d %d %d\n" % (ident, inc, seq + k) for k in range(3)))
-            seq += 3
+            os.write(fd, b"".join(b"%d %d %d\n" % (ident, inc, seq + k) for k in range(batch)))
+            seq += batch
             continue
-        body = rng.randbytes(rng.randrange(0, 1500))
+        body = rng.randbytes(rng.randrange(0, max_body))
         msg = head.pack(ident, inc, seq, zlib.crc32(body)) + body
         try:
             if seq % 4 == 0:
@@ -178,19 +179,24 @@ def consume(ident):
         try:
             if n % 3 == 2:
                 with q.get_view(timeout=0.5) as view:
-                    m = bytes(view)
+                    got = [bytes(view)]
                     if n % 9 == 2:
                         time.sleep(0.002)   # widen the window for a kill mid-read
+            elif n % 3 == 1 and take_many:
+                got = q.get_many(take_many, timeout=0.5)
             else:
-                m = q.get(timeout=0.5)
+                got = [q.get(timeout=0.5)]
         except Empty:
             continue
         except QueueClosed:
             return
         n += 1
-        ident_, inc, seq, crc = head.unpack_from(m)
-        ok = zlib.crc32(m[head.size:]) == crc
-        os.write(fd, b"%d %d %d %d\n" % (ident_, inc, seq, ok))
+        lines = []
+        for m in got:
+            ident_, inc, seq, crc = head.unpack_from(m)
+            ok = zlib.crc32(m[head.size:]) == crc
+            lines.append(b"%d %d %d %d\n" % (ident_, inc, seq, ok))
+        os.write(fd, b"".join(lines))
 
 print("ready", flush=True)
 for line in sys.stdin:
@@ -230,10 +236,17 @@ def _parse(path, width):
     return rows
 
 
-def _crash_loop(name, tmp_path, kills_wanted, producers=2, consumers=2, seed=None):
+def _crash_loop(name, tmp_path, kills_wanted, producers=2, consumers=2, seed=None,
+                capacity=32 * 1024, batch=3, max_body=1500, take_many=0):
+    """Kill random workers mid-stream; check nothing torn, duplicated, reordered or lost.
+
+    `take_many` > 0 makes consumers also use get_many(take_many), so a killed consumer may
+    lose up to that many messages (the ones it had taken).
+    """
     rng = random.Random(seed)
-    q = Queue.create(name, capacity=32 * 1024, max_message=2048)
-    zygote = spawn_python(ZYGOTE, name, tmp_path, stdin=subprocess.PIPE)
+    q = Queue.create(name, capacity=capacity, max_message=2048)
+    zygote = spawn_python(ZYGOTE, name, tmp_path, batch, max_body, take_many,
+                          stdin=subprocess.PIPE)
     workers: dict[tuple[str, int], int] = {}
     incarnation = 0
     consumer_kills = 0
@@ -286,13 +299,18 @@ def _crash_loop(name, tmp_path, kills_wanted, producers=2, consumers=2, seed=Non
         acked.update(_parse(tmp_path / f"ack{i}.txt", 3))
     received = []
     for i in range(consumers):
-        received.extend(_parse(tmp_path / f"log{i}.txt", 4))
+        rows = _parse(tmp_path / f"log{i}.txt", 4)
+        last: dict[tuple[int, int], int] = {}
+        for ident, inc, seq, _ in rows:   # each consumer sees each producer's messages in order
+            assert seq > last.get((ident, inc), -1), f"out of order: {ident}/{inc}: {seq}"
+            last[(ident, inc)] = seq
+        received.extend(rows)
     torn = [r for r in received if r[3] != 1]
     assert not torn, f"torn messages delivered: {torn[:5]}"
     ids = [r[:3] for r in received]
     assert len(ids) == len(set(ids)), "a message was delivered twice"
     lost = acked - set(ids)
-    assert len(lost) <= consumer_kills, (
+    assert len(lost) <= consumer_kills * max(1, take_many), (
         f"{len(lost)} acknowledged messages lost with only {consumer_kills} consumer kills")
     assert len(acked) > kills_wanted   # the stream really flowed between kills
     return {"acked": len(acked), "lost_acked": len(lost), "consumer_kills": consumer_kills,
@@ -307,6 +325,19 @@ def test_crash_loop_sigkill_random_producers_and_consumers(seg_name, tmp_path):
 @pytest.mark.soak
 def test_crash_loop_soak(seg_name, tmp_path):
     _crash_loop(seg_name, tmp_path, kills_wanted=2000, producers=3, consumers=3)
+
+
+def test_crash_loop_large_ring_small_messages_big_batches(seg_name, tmp_path):
+    """Tens of thousands of records in the ring (recovery must not depend on them being near
+    `free`), put_many batches longer than a consumer steps past, get_many consumers."""
+    _crash_loop(seg_name, tmp_path, kills_wanted=100, seed=5, capacity=1 << 20, batch=40,
+                max_body=60, take_many=8)
+
+
+@pytest.mark.soak
+def test_crash_loop_large_ring_soak(seg_name, tmp_path):
+    _crash_loop(seg_name, tmp_path, kills_wanted=2000, producers=3, consumers=3,
+                capacity=1 << 20, batch=40, max_body=60, take_many=8)
 
 
 # -- single, deterministic crashes -----------------------------------------------------------
@@ -457,6 +488,121 @@ def test_ctrl_c_interrupts_a_blocked_put_or_get(seg_name, call):
         child.send_signal(signal.SIGINT)
         out, err = stop(child, timeout=30)
         assert out.split() == ["interrupted"], err
+    finally:
+        q.unlink()
+        q.detach()
+
+
+# -- review regressions: recovery is bounded however many records the ring holds --------------
+
+def test_dead_claim_behind_a_long_backlog_is_recovered(seg_name):
+    """A producer killed right after its claim, with thousands of messages queued before it:
+    recovery must find the claim at the tail, not only near `free`."""
+    q = Queue.create(seg_name, capacity=1 << 20)
+    try:
+        q.put_many([b""] * 6000)                  # 6000 records between free and the tail
+        buf = q.segment.buf
+        tail = _native.load_u64(buf, 128 + 64)
+        claimed = ((tail >> 4) << 26) | (2 << 22) | _dead_tid()
+        _native.store_u64(buf, RING_OFFSET + tail % q.capacity, claimed)
+        q.put(b"after the dead claim", timeout=10)
+        got = q.get_many(10_000, timeout=10)
+        assert got == [b""] * 6000 + [b"after the dead claim"]
+    finally:
+        q.unlink()
+        q.detach()
+
+
+def test_consumers_pass_many_dead_reservations_while_free_lags(seg_name):
+    """More dead reservations than a consumer steps past, thousands of freed records after
+    `free` (consumers return space lazily): the survivors still get the next message."""
+    q = Queue.create(seg_name, capacity=1 << 20)
+    try:
+        for _ in range(3):
+            q.put_many([b""] * 2000)
+            assert len(q.get_many(5000, timeout=10)) == 2000
+        child = spawn_python(
+            "import contextlib, sys, time\nfrom shmkit.queue import Queue\n"
+            "q = Queue.open(sys.argv[1])\n"
+            "stack = contextlib.ExitStack()\n"
+            "for i in range(20):\n"
+            "    stack.enter_context(q.reserve(8))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n", seg_name)
+        wait_for_line(child, "ready")
+        kill(child)
+        q.put(b"after the dead reservations")
+        assert q.get(timeout=10) == b"after the dead reservations"
+        stats = q.stats()
+        assert stats["aborted"] == 20 and stats["being_written"] == 0
+    finally:
+        q.unlink()
+        q.detach()
+
+
+def test_waiting_count_forgets_a_waiter_killed_in_its_sleep(seg_name):
+    q = Queue.create(seg_name, capacity=4096)
+    try:
+        child = spawn_python(
+            "import sys\nfrom shmkit.queue import Queue\n"
+            "q = Queue.open(sys.argv[1])\n"
+            "print('waiting', flush=True)\n"
+            "q.get(timeout=60)\n", seg_name)
+        wait_for_line(child, "waiting")
+        while q.stats()["waiting_consumers"] == 0:
+            time.sleep(0.005)
+        kill(child)
+        assert q.stats()["waiting_consumers"] == 0
+    finally:
+        q.unlink()
+        q.detach()
+
+
+def test_fork_child_reservation_cannot_be_finished_by_the_child(seg_name):
+    """A reservation entered before fork() belongs to the parent: the child gets a clear
+    error (not CorruptSegmentError) and the parent still commits it."""
+    q = Queue.create(seg_name, capacity=4096)
+    try:
+        out = run_python(
+            "import os, sys\nfrom shmkit.queue import Queue\n"
+            "q = Queue.open(sys.argv[1])\n"
+            "with q.reserve(5) as buf:\n"
+            "    buf[:] = b'fork!'\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        try:\n"
+            "            q._commit(q._walk()['head'])\n"
+            "        except RuntimeError as exc:\n"
+            "            print('child:', 'not by this one' in str(exc), flush=True)\n"
+            "        os._exit(0)\n"
+            "    os.waitpid(pid, 0)\n"
+            "print('parent committed', flush=True)\n", seg_name)
+        assert out.stdout.split("\n")[:2] == ["child: True", "parent committed"]
+        assert q.get(timeout=5) == b"fork!"
+    finally:
+        q.unlink()
+        q.detach()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"),
+                    reason="needs root and unshare(1) to make a pid namespace")
+def test_open_from_another_pid_namespace_is_refused(seg_name):
+    """There, this process's pid means nothing: its recovery would take away live records."""
+    q = Queue.create(seg_name, capacity=4096)
+    try:
+        q.put(b"held")
+        with q.get_view() as view:
+            out = subprocess.run(
+                ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                 "import sys\nfrom shmkit.queue import Queue\nfrom shmkit.errors import ShmkitError\n"
+                 "try:\n    Queue.open(sys.argv[1])._recover()\n    print('opened')\n"
+                 "except ShmkitError as exc:\n    print('refused', 'pid namespace' in str(exc))\n",
+                 seg_name], capture_output=True, text=True, timeout=60)
+            if "refused" not in out.stdout and "opened" not in out.stdout:
+                pytest.skip(f"cannot run in a new pid namespace here: {out.stderr[-200:]}")
+            assert out.stdout.split() == ["refused", "True"]
+            assert bytes(view) == b"held"
+        assert q.stats()["lost"] == 0
     finally:
         q.unlink()
         q.detach()

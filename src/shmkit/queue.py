@@ -17,6 +17,8 @@ offset     size    field                  meaning
 136        8       capacity               ring bytes (copy of the header param, checked)
 144        8       max_message            largest payload (copy, checked)
 152        4       closed                 1 once `close()` closed the channel
+160        8       pid namespace          the creator's (inode of /proc/self/ns/pid); openers
+                                          in another one are refused (owners are pids)
 192        8       tail                   hint: a record boundary at or before the end
 256        8       head                   hint: a boundary at or before the first untaken record
 320        8       free                   bytes before it may be reused by producers
@@ -47,6 +49,8 @@ from .errors import (
     Full,
     MessageTooLargeError,
     QueueClosed,
+    SegmentBusyError,
+    ShmkitError,
     describe,
     format_size,
 )
@@ -54,21 +58,22 @@ from .segment import Segment, validate_mode
 
 __all__ = ["Queue", "describe_state"]
 
-_native.ring_setup(CorruptSegmentError, Empty, Full, QueueClosed, MessageTooLargeError)
-
 CTRL_OFFSET = layout.PAYLOAD_OFFSET
 RING_OFFSET = 4096
 CTRL_VERSION = 1
 RECORD_HEADER = _native.RING_RECORD_HEADER
 MIN_CAPACITY = 64
-MAX_CAPACITY = 1 << 42
+MAX_CAPACITY = _native.RING_MAX_CAPACITY
 _SLOTS = CTRL_OFFSET + _native.RING_SLOTS_OFFSET
 _SLOT_SIZE = _native.RING_SLOT_SIZE
 _CLOSED = CTRL_OFFSET + 24
+_PID_NS = CTRL_OFFSET + 32   # the creator's pid namespace (inode), 0 for queues made before
 _RETIRED_PUT = CTRL_OFFSET + 400
 _RETIRED_GOT = CTRL_OFFSET + 408
 ROLE_PRODUCER = 1
 ROLE_CONSUMER = 2
+# Slot flags above the roles: threads of the slot's process asleep in a get / in a put.
+_CONS_WAIT_SHIFT, _PROD_WAIT_SHIFT, _WAIT_MASK = 2, 17, 0x7FFF
 
 assert CTRL_OFFSET + _native.RING_CTRL_SIZE <= RING_OFFSET
 
@@ -80,6 +85,110 @@ _OBJ_HEAD = struct.Struct("<4sIQ")       # magic, out-of-band buffer count, pick
 
 def _pad16(n: int) -> int:
     return (n + 15) & ~15
+
+
+# -- errors: the C ring raises what this factory builds from a code and the values involved ----
+
+_CORRUPT_REASONS = {
+    "free_cursor": "the free cursor is not a valid position behind the head cursor",
+    "passed_header": "a record the head cursor passed has an invalid header",
+    "freed_length": "a freed record has an impossible length",
+    "tail_cursor": "the tail cursor is outside the ring",
+    "tail_tag": "the record at the tail cursor has a header from another position",
+    "bad_state": "a record header has an invalid state",
+    "tail_length": "a record at the tail has an impossible length",
+    "changed_writing": "a record changed while this process was writing it",
+    "head_cursor": "the head cursor is outside the ring",
+    "run_past": "the records run past the ring's capacity",
+    "header_position": "a record header does not match its position",
+    "length": "a record has an impossible length",
+    "changed_reading": "a record changed while this process was reading it",
+    "attach_params": "its capacity parameters are impossible",
+    "attach_fit": "the ring does not fit in the segment",
+    "attach_slot": "bad attachment slot",
+    "attach_magic": "its control block has no ring magic",
+    "attach_disagree": "its control block disagrees with its header",
+}
+
+_FIRST_ARGUMENT = {"put": "data", "put_many": "messages", "get_many": "max_messages",
+                   "reserve": "size"}
+
+
+def _problem_text(reason: str) -> str:
+    return _CORRUPT_REASONS.get(reason, reason)
+
+
+def _ring_error(code: str, label: str | None, hint: str | None, *values) -> BaseException:
+    """The exception for an error the C ring reports as `code` (see ring.c's fail() calls)."""
+    label = label or "queue"
+    hint = hint or ""
+    if code == "corrupt":
+        why, pos = values
+        where = "" if pos is None else f" (position {pos})"
+        return CorruptSegmentError(f"{label} is corrupt: {_problem_text(why)}{where}{hint}")
+    if code in ("full", "empty"):
+        (timed,) = values
+        cls = Full if code == "full" else Empty
+        return cls(f"{label} is still {code} after the timeout" if timed else f"{label} is {code}")
+    if code == "closed_put":
+        return QueueClosed(f"cannot put into {label}: the channel was closed")
+    if code == "closed_get":
+        return QueueClosed(f"{label} is closed and every message has been taken")
+    if code == "too_large":
+        size, limit = values
+        return MessageTooLargeError(
+            f"a message of {size} bytes is larger than the {limit}-byte limit of {label}; split "
+            f"it, or create the queue with a larger max_message (and capacity)")
+    if code == "detached":
+        return ValueError(f"{label} is closed in this process")
+    if code == "detached_buffer":
+        return BufferError(f"{label} is closed in this process")
+    if code == "readonly":
+        return TypeError(f"{label} was opened read-only: it can only be inspected")
+    if code == "attached":
+        return ValueError(f"{label} is already attached")
+    if code == "detach_views":
+        return SegmentBusyError(f"cannot close {label}: zero-copy views of its memory are still "
+                                f"alive; release them first")
+    if code == "detach_threads":
+        return BufferError(f"cannot close {label}: other threads are blocked in it")
+    if code == "not_owner":
+        pos, owner = values
+        return RuntimeError(
+            f"the record at position {pos} of {label} is held by process {owner}, not by this "
+            f"one: finish a reserve() or get_view() block in the process that entered it (not "
+            f"in a child forked inside the block)")
+    if code == "bad_data":
+        (type_name,) = values
+        return TypeError(f"data must be a bytes-like object, not {type_name}")
+    if code == "bad_messages":
+        (type_name,) = values
+        return TypeError(f"put_many() needs an iterable of bytes-like objects, not {type_name}")
+    if code == "bad_type":
+        name, type_name = values
+        return TypeError(f"{name} must be an int, not {type_name}")
+    if code == "bad_count":
+        name, value = values
+        return ValueError(f"{name} must be at least 1, not {value}")
+    if code == "bad_size":
+        (value,) = values
+        return ValueError(f"size must be >= 0, not {value}")
+    if code == "bad_position":
+        (value,) = values
+        return ValueError(f"{value} is not a record position")
+    if code == "too_many_args":
+        func, most, given = values
+        return TypeError(f"{func}() takes at most {most} positional arguments ({given} given)")
+    if code == "unexpected_arg":
+        func, keyword = values
+        return TypeError(f"{func}() got an unexpected keyword argument {keyword!r}")
+    if code == "missing_arg":
+        (func,) = values
+        return TypeError(f"{func}() missing required argument {_FIRST_ARGUMENT.get(func, '')!r}")
+    return ShmkitError(f"{label}: internal error {code} {values!r}")
+
+
+_native.ring_setup(_ring_error)
 
 
 def _check_capacity(capacity: object, max_message: object) -> tuple[int, int]:
@@ -105,7 +214,33 @@ def _check_capacity(capacity: object, max_message: object) -> tuple[int, int]:
 def _init_ring(capacity: int, max_message: int):
     def init(seg: Segment) -> None:
         _native.ring_init(seg.buf, CTRL_OFFSET, RING_OFFSET, capacity, max_message)
+        _native.store_u64(seg.buf, _PID_NS, _pid_namespace())
     return init
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (the inode of /proc/self/ns/pid), 0 when unknown."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _check_pid_namespace(seg: Segment) -> None:
+    """Refuse to share a queue across pid namespaces.
+
+    Records name their owner by process id, and crash recovery finishes a record whose owner
+    no longer runs. A process id from another pid namespace means another process (or none)
+    here, so a live owner would be judged dead and its message taken away mid-read or
+    mid-write. Containers must share the pid namespace to share a queue.
+    """
+    theirs, ours = _native.load_u64(seg.buf, _PID_NS), _pid_namespace()
+    if theirs and ours and theirs != ours:
+        raise ShmkitError(
+            f"queue {describe(seg.name, seg.backend)} was created in another pid namespace "
+            f"(pid:[{theirs}], this process is in pid:[{ours}]); its crash recovery identifies "
+            f"processes by pid, so all its users must share one pid namespace (for containers: "
+            f"--pid=host or --pid=container:NAME)")
 
 
 def _params_ok(seg: Segment, header: layout.Header) -> tuple[int, int]:
@@ -215,6 +350,7 @@ class Queue(_native.Ring):
     @classmethod
     def _wrap(cls, seg: Segment, header: layout.Header) -> "Queue":
         capacity, max_message = _params_ok(seg, header)
+        _check_pid_namespace(seg)
         q = cls.__new__(cls)
         q._seg = seg
         q._lock = threading.Lock()
@@ -514,14 +650,18 @@ class _Reservation:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         q, pos = self._q, self._pos
-        self._view.release()
-        escaped = _native.view_count(self._base) > 1
-        self._base.release()
-        if exc_type is not None:
-            q._abort(pos)
-            return
-        q._commit(pos)
-        if escaped:
+        # Finish the record whatever happens (left RESERVED by this live process, it would hold
+        # the ring's space, for every process, until this one exits), and while this block's
+        # views still pin the handle, so no other thread can detach it in between.
+        escaped = _native.view_count(self._base) > 2   # more views than this block's two
+        try:
+            if exc_type is not None:
+                q._abort(pos)
+            else:
+                q._commit(pos)
+        finally:
+            escaped = _release_views(self._view, self._base) or escaped
+        if escaped and exc_type is None:
             raise BufferError(f"the message was put into {q._label()}, but arrays or views made "
                               f"from the reserved memory are still alive; they now point into "
                               f"memory other processes reuse: drop them inside the with block")
@@ -544,19 +684,33 @@ class _View:
             base.release()
             self._view = self._base[off:off + n]
         except BaseException:
-            q._release(self._pos)
+            q._untake(self._pos)   # not read: it goes back to the consumers, not lost
             raise
         return self._view
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._view.release()
-        escaped = _native.view_count(self._base) > 1
-        self._base.release()
-        self._q._release(self._pos)
+        escaped = _native.view_count(self._base) > 2   # see _Reservation.__exit__
+        try:
+            self._q._release(self._pos)
+        finally:
+            escaped = _release_views(self._view, self._base) or escaped
         if escaped and exc_type is None:
             raise BufferError(f"views or arrays made from a message of {self._q._label()} are "
                               f"still alive after get_view(); its space is reused now: copy "
                               f"what you need inside the with block")
+
+
+def _release_views(view: memoryview, base: memoryview) -> bool:
+    """Release a zero-copy block's two views; True when one cannot be released because an
+    object holds a buffer of it (pickle.PickleBuffer, a C extension): it still points into
+    the ring. (Other views of it, slices and numpy arrays, show in view_count instead.)"""
+    escaped = False
+    for v in (view, base):
+        try:
+            v.release()
+        except BufferError:
+            escaped = True
+    return escaped
 
 
 def _parse_array(view: memoryview, q: Queue):
@@ -595,20 +749,26 @@ def _slot_offsets():
 
 
 def _claim_slot(buf: memoryview) -> int:
-    """Take a slot for this handle (a free one, else one whose process died); -1 if none."""
+    """Take a slot for this handle (a free one, else one whose process died); -1 if none.
+
+    A slot's start time is 0 while it is free or being filled, and "pid with start time 0"
+    counts as alive while that pid runs: so between the claim and the fill nobody mistakes
+    the new owner for the dead one (whose start time would not match) and takes the slot.
+    """
     if buf.readonly:
         return -1
     pid = os.getpid()
     start = _proc.own_start_time()
-    for off in _slot_offsets():
-        ok, _ = _native.cas_u32(buf, off, 0, pid)
-        if ok:
-            _fill_slot(buf, off, start)
-            return off
-    for off in _slot_offsets():
-        owner = _native.load_u32(buf, off)
-        if owner and not _proc.process_alive(owner, _native.load_u64(buf, off + 8)):
-            ok, _ = _native.cas_u32(buf, off, owner, pid)
+    for free_pass in (True, False):   # free slots first; then those of dead processes
+        for off in _slot_offsets():
+            owner = _native.load_u32(buf, off)
+            started = _native.load_u64(buf, off + 8)
+            if (owner == 0) != free_pass or (owner and _proc.process_alive(owner, started)):
+                continue
+            # First the start time (so the slot reads "being filled"), then the owner.
+            ok, _ = _native.cas_u64(buf, off + 8, started, 0)
+            if ok:
+                ok, _ = _native.cas_u32(buf, off, owner, pid)
             if ok:
                 _retire(buf, off)
                 _fill_slot(buf, off, start)
@@ -632,16 +792,22 @@ def _retire(buf: memoryview, off: int) -> None:
 
 
 def _release_slot(buf: memoryview, off: int) -> None:
-    if off < 0:
+    # A forked child inherits the handle, not the slot: only the process that claimed it
+    # gives it back (the child's counts went to the retired totals).
+    if off < 0 or _native.load_u32(buf, off) != os.getpid():
         return
     _retire(buf, off)
     _native.store_u32(buf, off + 4, 0)
+    _native.store_u64(buf, off + 8, 0)
     _native.store_u32(buf, off, 0)
 
 
 def _state(buf: memoryview, walk: dict) -> dict:
     producers = consumers = attached = 0
     total_put, total_got = walk["retired_put"], walk["retired_got"]
+    # Sleepers of handles without a slot are counted in the control block; the others in
+    # their slot, so that those of a process killed in its sleep drop out with it.
+    waiting_producers, waiting_consumers = walk["waiting_producers"], walk["waiting_consumers"]
     for off in _slot_offsets():
         pid = _native.load_u32(buf, off)
         total_put += _native.load_u64(buf, off + 16)
@@ -649,21 +815,23 @@ def _state(buf: memoryview, walk: dict) -> dict:
         if not pid or not _proc.process_alive(pid, _native.load_u64(buf, off + 8)):
             continue
         attached += 1
-        roles = _native.load_u32(buf, off + 4)
-        producers += bool(roles & ROLE_PRODUCER)
-        consumers += bool(roles & ROLE_CONSUMER)
+        flags = _native.load_u32(buf, off + 4)
+        producers += bool(flags & ROLE_PRODUCER)
+        consumers += bool(flags & ROLE_CONSUMER)
+        waiting_consumers += (flags >> _CONS_WAIT_SHIFT) & _WAIT_MASK
+        waiting_producers += (flags >> _PROD_WAIT_SHIFT) & _WAIT_MASK
     state = {
         "depth_messages": walk["depth_messages"], "depth_bytes": walk["depth_bytes"],
         "used_bytes": walk["used_bytes"], "capacity": walk["capacity"],
         "max_message": walk["max_message"], "attached": attached, "producers": producers,
-        "consumers": consumers, "waiting_producers": walk["waiting_producers"],
-        "waiting_consumers": walk["waiting_consumers"], "total_put": total_put,
+        "consumers": consumers, "waiting_producers": waiting_producers,
+        "waiting_consumers": waiting_consumers, "total_put": total_put,
         "total_got": total_got, "aborted": walk["aborted"], "lost": walk["lost"],
         "closed": bool(walk["closed"]), "being_written": walk["being_written"],
         "being_read": walk["being_read"],
     }
     if walk["problem"]:
-        state["problem"] = walk["problem"]
+        state["problem"] = _problem_text(walk["problem"])
     return state
 
 

@@ -9,6 +9,7 @@
  *
  * Control block (offsets from ctrl, each hot word on its own cache line):
  *   0    u64 magic "SKRING01"   8 u64 capacity   16 u64 max_message   24 u32 closed
+ *   32   u64 creator's pid namespace (queue.py refuses openers from another one: owners are pids)
  *   64   u64 tail   hint: a record boundary at or before the end of the written records
  *   128  u64 head   hint: a record boundary at or before the first record not yet taken
  *   192  u64 free   authoritative: bytes before `free` may be reused by producers
@@ -19,21 +20,31 @@
  *
  * Positions are byte counts since creation (u64, never wrap in practice); a position's place
  * in the ring is pos % capacity. Every record starts 16-byte aligned with a 16-byte header:
- *   word0 (u64, atomic): tag (38 bits: pos >> 4) | state (4 bits) | owner task id (22 bits)
+ *   word0 (u64, atomic): tag (38 bits: pos >> 4) | state (4 bits) | owner (22 bits)
  *   word1 (u64):         payload length in bytes (written before the state says it is valid)
  * followed by the payload, padded to 16 bytes. The tag makes a header from another lap (or
  * payload bytes) unequal to the header the reader expects, so stale readers fail their CAS.
+ * Tags repeat every TAG_PERIOD (2^42) bytes of traffic: a process that stalls between reading
+ * a header and its CAS while that much data flows could hit a later lap's identical word, so
+ * the two CASes that act on a header read earlier (claim, take) check `free` afterwards and
+ * undo themselves when the record turns out to be a later one (see stale_* below).
+ *
+ * The owner is the process id (not the thread id): a record is recovered only when the whole
+ * process holding it is gone, so a thread may reserve and another commit, and a thread that
+ * exits never leaves its process's records to recovery.
  *
  * Record life (each arrow one atomic CAS or store, so a SIGKILL anywhere leaves a state that
  * says who has to finish it):
- *   VACANT --producer CAS--> CLAIMED(tid) --> RESERVED(tid) --> COMMITTED --consumer CAS-->
- *   TAKEN(tid) --> FREED;  RESERVED --> ABORTED;  CLAIMED --> PAD (filler up to the ring end)
+ *   VACANT --producer CAS--> CLAIMED(pid) --> RESERVED(pid) --> COMMITTED --consumer CAS-->
+ *   TAKEN(pid) --> FREED;  RESERVED --> ABORTED;  CLAIMED --> PAD (filler up to the ring end)
  * The word after the end of the written records is always VACANT(end): a producer claims it
  * by CAS, writes the length(s) and the next VACANT marker, then publishes RESERVED. put_many
  * claims a run of records with that one CAS (their headers are written before the first is
- * published). Recovery, run by waiters when a wait slice ends with an owner that is no
- * longer alive: CLAIMED(dead) -> VACANT (nothing was reserved), RESERVED(dead) -> ABORTED
- * (skipped, never delivered), TAKEN(dead) -> FREED (that one message is lost).
+ * published). Recovery, run by waiters when a wait slice ends while something blocks them:
+ * CLAIMED(dead) -> VACANT (nothing was reserved), RESERVED(dead) -> ABORTED (skipped, never
+ * delivered), TAKEN(dead) -> FREED (that one message is lost). It looks exactly where the
+ * waiter is blocked (the records it saw being written, the claim at the tail) and near `free`
+ * and `head`, so it is bounded however many records the ring holds.
  *
  * Order: consumers may take a COMMITTED record past records still RESERVED (a slow or dead
  * producer does not stall the others), but before taking it they re-read every record they
@@ -42,21 +53,28 @@
  *
  * Space: `free` advances over runs of FREED/ABORTED/PAD records with one CAS. Consumers do it
  * only when a producer sleeps for room; a producer short of room does it itself (and moves
- * `head` past records nobody needs first).
+ * `head` past records nobody needs first). A consumer that cannot keep a message it took
+ * (out of memory) gives it back: TAKEN -> COMMITTED, and `head` moves back to it.
  *
  * Waiting: poll the ring ~20 us, then sleep on data_seq / space_seq. Bit 0 of those words
  * says "someone sleeps"; a waker that sees it clears it and wakes all, so a busy queue makes
  * no system call and a sleep costs one wake-up. Sleepers wake at least every 10 ms when
  * something owned blocks them (to run recovery), else every 200 ms as a backstop.
+ *
+ * Errors: this file never words a message. It raises what queue.py's error factory (set with
+ * ring_setup) builds from a short code ("full", "corrupt", ...) and the values involved.
  */
 #include "native.h"
 
 #include <errno.h>
 #include <limits.h>
-#include <stddef.h>
+#include <pthread.h>
 #include <sched.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define SHMKIT_RING_MAGIC 0x3130474e49524b53ULL /* "SKRING01" little-endian */
 
@@ -83,14 +101,27 @@
 #define SLOT_GETS 24
 #define SHMKIT_RING_CTRL_SIZE (C_SLOTS + SHMKIT_RING_SLOTS * SLOT_SIZE)
 
+/* Slot flags: roles in bits 0-1; threads of the slot's process asleep in a get (bits 2-16)
+ * and in a put (bits 17-31). Counting sleepers in the slot (not in one shared counter) lets
+ * statistics ignore the sleepers of a process that was killed in its sleep. */
 #define ROLE_PRODUCER 1u
 #define ROLE_CONSUMER 2u
+#define SLOT_CONS_WAIT_UNIT (1u << 2)
+#define SLOT_PROD_WAIT_UNIT (1u << 17)
 
 #define HDR 16u
-#define TID_MASK ((1u << 22) - 1)
+#define OWNER_MASK ((1u << 22) - 1) /* pid_max is at most 2^22 (PID_MAX_LIMIT) */
 #define ST_SHIFT 22
 #define TAG_SHIFT 26
 #define TAG_MASK ((1ULL << 38) - 1)
+#define TAG_PERIOD (1ULL << 42) /* bytes of traffic after which a slot's tags repeat */
+
+/* The largest ring: well below TAG_PERIOD, so that a record's real position is the only one
+ * with its tag in [free, free + capacity) (what the stale-CAS checks rely on). */
+#define SHMKIT_RING_MAX_CAPACITY (1ULL << 40)
+/* No cursor gets near this (2^62 bytes is 146 years at 1 TB/s); one beyond it was scribbled,
+ * and rejecting it keeps every `position + length` below in range. */
+#define POS_LIMIT (1ULL << 62)
 
 enum { ST_VACANT = 1, ST_CLAIMED, ST_RESERVED, ST_COMMITTED, ST_TAKEN, ST_FREED, ST_ABORTED, ST_PAD };
 
@@ -101,6 +132,9 @@ enum { RS_OK = 0, RS_FULL, RS_EMPTY, RS_BUSY, RS_CLOSED, RS_ERROR = -1 };
  * crash recovery. Waits with nothing to recover use the long slice as a backstop only. */
 #define RECOVER_SLICE_NS (10 * 1000 * 1000LL)
 #define IDLE_SLICE_NS (200 * 1000 * 1000LL)
+/* Records recovery walks from `free` and from `head` (besides the exact records a waiter is
+ * blocked by): the records that hold the cursors back sit right there. */
+#define RECOVER_STEPS 4096
 /* Before registering as a waiter (which makes the other side pay a futex_wake syscall per
  * operation), a waiter polls the ring itself for this long: a cross-core hand-off takes well
  * under a microsecond, a futex wake-up tens. */
@@ -110,7 +144,8 @@ enum { RS_OK = 0, RS_FULL, RS_EMPTY, RS_BUSY, RS_CLOSED, RS_ERROR = -1 };
 /* Copies at least this large run without the GIL. */
 #define NOGIL_COPY (256 * 1024)
 
-static PyObject *exc_corrupt, *exc_empty, *exc_full, *exc_closed, *exc_too_large;
+/* Builds the exception for an error code (queue.py's _ring_error); NULL until ring_setup. */
+static PyObject *error_factory;
 
 typedef struct {
     PyObject_HEAD
@@ -119,18 +154,68 @@ typedef struct {
     int writable;
     char *ctrl;
     char *ring;
-    char *slot; /* this handle's attachment slot (counters, roles) or NULL */
+    char *slot;        /* this handle's attachment slot (counters, roles) or NULL */
+    uint32_t slot_pid; /* the process the slot belongs to (a forked child must not use it) */
     uint64_t cap;
     uint64_t max_message;
     uint64_t mask; /* cap - 1 when cap is a power of two, else 0 */
     unsigned roles;
-    int active;  /* threads inside a call that released the GIL */
-    int exports; /* zero-copy memoryviews made from this object */
+    int active;          /* threads inside a call that released the GIL ... */
+    uint32_t active_pid; /* ... in this process (a forked child inherits the count, not them) */
+    int exports;         /* zero-copy memoryviews made from this object */
     int64_t last_recover_ns;
-    PyObject *label; /* "queue 'jobs' (posix)": how messages name the object */
-    PyObject *hint;  /* what to do about corruption */
+    PyObject *label; /* given by queue.py; handed to the error factory */
+    PyObject *hint;
     PyObject *weakreflist;
 } RingObject;
+
+/* Records the caller is blocked by: the ones it stepped past still being written, and the
+ * claim at the end. Recovery looks at exactly these. */
+typedef struct {
+    uint64_t pos[SKIP_MAX + 1];
+    int n;
+} busy_set;
+
+/* ---- owner ids ------------------------------------------------------------------------------ */
+
+/* getpid() is a system call in glibc: cache it, and forget it in a forked child. */
+static _Atomic uint32_t cached_pid;
+
+static void forget_pid(void)
+{
+    atomic_store_explicit(&cached_pid, 0, memory_order_relaxed);
+}
+
+static inline uint32_t owner_id(void)
+{
+    uint32_t pid = atomic_load_explicit(&cached_pid, memory_order_relaxed);
+    if (pid == 0) {
+        pid = (uint32_t)getpid();
+        atomic_store_explicit(&cached_pid, pid, memory_order_relaxed);
+    }
+    return pid;
+}
+
+static inline int slot_mine(const RingObject *r)
+{
+    return r->slot != NULL && r->slot_pid == owner_id();
+}
+
+/* Bracket a stretch without the GIL, so that detach can refuse while threads are inside. */
+static inline void active_enter(RingObject *r)
+{
+    uint32_t me = owner_id();
+    if (r->active_pid != me) {
+        r->active_pid = me;
+        r->active = 0;
+    }
+    r->active++;
+}
+
+static inline void active_leave(RingObject *r)
+{
+    r->active--;
+}
 
 /* ---- shared-memory access ------------------------------------------------------------- */
 
@@ -152,12 +237,12 @@ static inline int cas64_v(char *p, uint64_t expected, uint64_t desired)
 }
 
 static inline uint64_t tag_of(uint64_t pos) { return (pos >> 4) & TAG_MASK; }
-static inline uint64_t mkw(uint64_t pos, unsigned st, uint32_t tid)
+static inline uint64_t mkw(uint64_t pos, unsigned st, uint32_t owner)
 {
-    return (tag_of(pos) << TAG_SHIFT) | ((uint64_t)st << ST_SHIFT) | (tid & TID_MASK);
+    return (tag_of(pos) << TAG_SHIFT) | ((uint64_t)st << ST_SHIFT) | (owner & OWNER_MASK);
 }
 #define W_ST(w) ((unsigned)(((w) >> ST_SHIFT) & 15u))
-#define W_TID(w) ((uint32_t)((w)&TID_MASK))
+#define W_OWNER(w) ((uint32_t)((w)&OWNER_MASK))
 #define W_TAG(w) ((w) >> TAG_SHIFT)
 
 static inline uint64_t ring_off(const RingObject *r, uint64_t pos)
@@ -169,23 +254,47 @@ static inline uint64_t round16(uint64_t n) { return (n + 15u) & ~(uint64_t)15u; 
 
 /* ---- errors -------------------------------------------------------------------------------- */
 
+/* Raise the exception the error factory builds from (code, label, hint, *values); `fmt` is a
+ * Py_BuildValue tuple format for the values, e.g. "(nK)". Returns RS_ERROR. */
+static int fail(RingObject *r, const char *code, const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    PyObject *values = Py_VaBuildValue(fmt, va);
+    va_end(va);
+    if (values == NULL)
+        return RS_ERROR;
+    PyObject *head = Py_BuildValue("(sOO)", code, r != NULL && r->label ? r->label : Py_None,
+                                   r != NULL && r->hint ? r->hint : Py_None);
+    PyObject *args = head != NULL ? PySequence_Concat(head, values) : NULL;
+    Py_XDECREF(head);
+    Py_DECREF(values);
+    if (args == NULL)
+        return RS_ERROR;
+    /* Without queue.py's factory (a bare _native.Ring), raise the code and values as they are. */
+    PyObject *exc = PyObject_Call(error_factory != NULL ? error_factory : PyExc_RuntimeError, args, NULL);
+    Py_DECREF(args);
+    if (exc == NULL)
+        return RS_ERROR;
+    if (PyExceptionInstance_Check(exc))
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    else
+        PyErr_SetObject(PyExc_RuntimeError, exc);
+    Py_DECREF(exc);
+    return RS_ERROR;
+}
+
 static int corrupt(RingObject *r, const char *why, uint64_t pos)
 {
-    PyErr_Format(exc_corrupt, "%U is corrupt: %s (position %llu)%U", r->label, why,
-                 (unsigned long long)pos, r->hint);
-    return RS_ERROR;
+    return fail(r, "corrupt", "(sK)", why, (unsigned long long)pos);
 }
 
 static int check_usable(RingObject *r, int need_write)
 {
-    if (!r->has_view) {
-        PyErr_Format(PyExc_ValueError, "%U is closed in this process", r->label ? r->label : Py_None);
-        return -1;
-    }
-    if (need_write && !r->writable) {
-        PyErr_Format(PyExc_TypeError, "%U was opened read-only: it can only be inspected", r->label);
-        return -1;
-    }
+    if (!r->has_view)
+        return fail(r, "detached", "()");
+    if (need_write && !r->writable)
+        return fail(r, "readonly", "()");
     return 0;
 }
 
@@ -210,11 +319,11 @@ static uint64_t rec_total(RingObject *r, uint64_t pos, uint64_t w, uint64_t *len
 /* ---- waking -------------------------------------------------------------------------------- */
 
 /* The futex words data_seq and space_seq carry a "sleepers" bit (bit 0) that a waiter sets
- * (fetch_or) before its last look at the ring. A waker that made something visible with a
- * seq_cst CAS/store then loads the word: if the bit is set it moves the word on (+2, bit
- * cleared) and wakes every sleeper. Either the waiter's last look sees the change, or the
- * waker sees the bit; so no wake-up is lost, and only the first waker after a sleep pays for
- * a system call. */
+ * (fetch_or, then a seq_cst fence) before its last look at the ring. A waker that made
+ * something visible with a seq_cst CAS/store then loads the word (seq_cst): if the bit is set
+ * it moves the word on (+2, bit cleared) and wakes every sleeper. Either the waiter's last
+ * look sees the change, or the waker sees the bit (Dekker); so no wake-up is lost, and only
+ * the first waker after a sleep pays for a system call. */
 static void wake_word(RingObject *r, int off)
 {
     _Atomic uint32_t *word = A32(r->ctrl + off);
@@ -223,9 +332,8 @@ static void wake_word(RingObject *r, int off)
         shmkit_futex_wake(word, INT_MAX);
 }
 
-static void wake_consumers(RingObject *r, int n)
+static void wake_consumers(RingObject *r)
 {
-    (void)n;
     wake_word(r, C_DATA_SEQ);
 }
 
@@ -241,8 +349,6 @@ static int producers_sleep(RingObject *r)
 
 /* ---- free cursor ------------------------------------------------------------------------- */
 
-/* Advance `free` over records nobody needs any more (FREED, ABORTED, PAD), returning their
- * space to producers in ring order. Returns bytes advanced, or RS_ERROR. */
 /* Move `head` past records no consumer needs (PAD, ABORTED, FREED, TAKEN). Consumers do this
  * as they walk; producers short of room do it too, so a PAD at the head never waits for a
  * consumer to come by. */
@@ -252,7 +358,7 @@ static void help_head(RingObject *r)
     for (uint64_t steps = 0; steps <= r->cap / HDR + 1; steps++) {
         uint64_t h = ld_acq(c + C_HEAD);
         uint64_t f = ld_acq(c + C_FREE);
-        if (h < f || h - f >= r->cap || (h & 15))
+        if (h < f || h - f >= r->cap || (h & 15) || f > POS_LIMIT)
             return; /* moving under us, or corrupt: the hot paths judge that */
         uint64_t w = ld_acq(rec(r, h));
         unsigned st = W_ST(w);
@@ -265,6 +371,8 @@ static void help_head(RingObject *r)
     }
 }
 
+/* Advance `free` over records nobody needs any more (FREED, ABORTED, PAD), returning their
+ * space to producers in ring order. Returns bytes advanced, or RS_ERROR. */
 static int64_t help_free(RingObject *r)
 {
     char *c = r->ctrl;
@@ -275,10 +383,10 @@ static int64_t help_free(RingObject *r)
         uint64_t h = ld_acq(c + C_HEAD); /* read after f: h >= f always holds */
         if (f == h)
             break;
-        if (h < f || h - f > r->cap || (f & 15)) {
+        if (h < f || h - f > r->cap || (f & 15) || f > POS_LIMIT) {
             if (ld_acq(c + C_FREE) != f)
                 continue;
-            return corrupt(r, "the free cursor is not behind the head cursor", f);
+            return corrupt(r, "free_cursor", f);
         }
         /* Walk the run of records nobody needs, then hand it all back with one CAS. */
         uint64_t p = f;
@@ -286,16 +394,17 @@ static int64_t help_free(RingObject *r)
         while (p < h) {
             uint64_t w = ld_acq(rec(r, p));
             unsigned st = W_ST(w);
-            if (W_TAG(w) != tag_of(p) || st == ST_VACANT || st == ST_CLAIMED || st == ST_COMMITTED ||
-                st == ST_RESERVED || st > ST_PAD || st == 0) {
-                why = "a record the head cursor passed has an invalid header";
+            /* TAKEN: a consumer is still copying it. COMMITTED: a consumer gave it back
+             * (give_back), and `head` is on its way back to it. */
+            if (W_TAG(w) == tag_of(p) && (st == ST_TAKEN || st == ST_COMMITTED))
+                break;
+            if (W_TAG(w) != tag_of(p) || !(st == ST_FREED || st == ST_ABORTED || st == ST_PAD)) {
+                why = "passed_header";
                 break;
             }
-            if (st == ST_TAKEN)
-                break; /* a consumer is still copying it */
             uint64_t total = rec_total(r, p, w, NULL);
             if (total == 0 || total > h - p) {
-                why = "a freed record has an impossible length";
+                why = "freed_length";
                 break;
             }
             p += total;
@@ -320,26 +429,29 @@ static int64_t help_free(RingObject *r)
 
 /* ---- producer side ----------------------------------------------------------------------- */
 
-/* One attempt to reserve records for the payload lengths lens[0..n-1], in order. R_OK: *got
- * (1..n) records starting at *pos are RESERVED by `tid`, laid out back to back (a batch is
- * claimed with one CAS and never spans the end of the ring). R_FULL: no room for lens[0] now.
- * R_BUSY: another producer is between its claim and its reservation (*busy = that header
- * word). R_CLOSED: the channel is closed. */
-static int try_reserve(RingObject *r, const uint64_t *lens, int n, uint32_t tid, uint64_t *pos,
-                       int *got, uint64_t *busy)
+/* One attempt to reserve records for the payload lengths lens[0..n-1], in order. RS_OK: *got
+ * (1..n) records starting at *pos are RESERVED by `me`, laid out back to back (a batch is
+ * claimed with one CAS and never spans the end of the ring). RS_FULL: no room for lens[0] now.
+ * RS_BUSY: another producer is between its claim and its reservation (its position goes into
+ * *busy). RS_CLOSED: the channel is closed. */
+static int try_reserve(RingObject *r, const uint64_t *lens, int n, uint32_t me, uint64_t *pos,
+                       int *got, busy_set *busy)
 {
     char *c = r->ctrl;
     uint64_t total = HDR + round16(lens[0]);
+    busy->n = 0;
     for (uint64_t iter = 0; iter <= r->cap / HDR + 64; iter++) {
         uint64_t t = ld_acq(c + C_TAIL);
         uint64_t f = ld_acq(c + C_FREE); /* read after t: t - f can only shrink */
+        if (f > POS_LIMIT || (f & 15))
+            return corrupt(r, "free_cursor", f);
         if (t < f) {
             /* The tail hint lags behind records already consumed: `free` is a boundary too. */
             cas64_v(c + C_TAIL, t, f);
             continue;
         }
         if (t - f > r->cap || (t & 15))
-            return corrupt(r, "the tail cursor is outside the ring", t);
+            return corrupt(r, "tail_cursor", t);
         uint64_t off = ring_off(r, t);
         char *h = r->ring + off;
         uint64_t w = ld_acq(h);
@@ -347,7 +459,7 @@ static int try_reserve(RingObject *r, const uint64_t *lens, int n, uint32_t tid,
         if (W_TAG(w) != tag_of(t)) {
             if (ld_acq(c + C_TAIL) != t)
                 continue;
-            return corrupt(r, "the record at the tail cursor has a header from another position", t);
+            return corrupt(r, "tail_tag", t);
         }
         if (st == ST_VACANT) {
             uint64_t need = off + total > r->cap ? r->cap - off : total;
@@ -370,13 +482,20 @@ static int try_reserve(RingObject *r, const uint64_t *lens, int n, uint32_t tid,
                 run += next;
                 k++;
             }
-            if (!cas64(h, &w, mkw(t, ST_CLAIMED, tid)))
+            if (!cas64(h, &w, mkw(t, ST_CLAIMED, me)))
                 continue;
+            /* Stale claim (tag wrap): we read VACANT(t) long ago and claimed the identical
+             * VACANT word of a later lap, whose room we never checked. The real end is then
+             * at least a lap past t, so `free` is past t; here, `free` <= t always. */
+            if (ld_acq(c + C_FREE) > t) {
+                atomic_store(A64(h), w); /* ours to undo: put the VACANT marker back */
+                continue;
+            }
             /* seq_cst load after the claim: pairs with the closer's store and the consumer's
              * check order (closed, then VACANT) so no put succeeds unseen after a close. */
             if (!pad && atomic_load(A32(c + C_CLOSED))) {
-                st_rel(h, mkw(t, ST_VACANT, 0));
-                wake_consumers(r, INT_MAX);
+                atomic_store(A64(h), w); /* seq_cst: ordered before the waiter-bit load */
+                wake_consumers(r);
                 return RS_CLOSED;
             }
             /* The batch's later headers live in room we now own; they become reachable only
@@ -385,13 +504,13 @@ static int try_reserve(RingObject *r, const uint64_t *lens, int n, uint32_t tid,
             for (int i = 1; i < k; i++) {
                 char *hp = rec(r, p);
                 st_rlx(hp + 8, lens[i]);
-                st_rlx(hp, mkw(p, ST_RESERVED, tid));
+                st_rlx(hp, mkw(p, ST_RESERVED, me));
                 p += HDR + round16(lens[i]);
             }
             st_rlx(h + 8, pad ? need - HDR : lens[0]);
             st_rlx(rec(r, t + run), mkw(t + run, ST_VACANT, 0));
             /* release: lengths, later headers and the next VACANT marker come with the state. */
-            st_rel(h, mkw(t, pad ? ST_PAD : ST_RESERVED, pad ? 0 : tid));
+            st_rel(h, mkw(t, pad ? ST_PAD : ST_RESERVED, pad ? 0 : me));
             cas64_v(c + C_TAIL, t, t + run);
             if (pad)
                 continue;
@@ -400,52 +519,84 @@ static int try_reserve(RingObject *r, const uint64_t *lens, int n, uint32_t tid,
             return RS_OK;
         }
         if (st == ST_CLAIMED) {
-            *busy = w;
+            busy->pos[0] = t;
+            busy->n = 1;
             return RS_BUSY;
         }
         if (st < ST_VACANT || st > ST_PAD)
-            return corrupt(r, "a record header has an invalid state", t);
+            return corrupt(r, "bad_state", t);
         /* Its length is known: help the tail past it. */
         uint64_t rt = rec_total(r, t, w, NULL);
         if (rt == 0 || t + rt > f + r->cap) {
             if (ld_acq(c + C_TAIL) != t || (rt != 0 && ld_acq(c + C_FREE) != f))
                 continue;
-            return corrupt(r, "a record at the tail has an impossible length", t);
+            return corrupt(r, "tail_length", t);
         }
         cas64_v(c + C_TAIL, t, t + rt);
     }
     return RS_BUSY;
 }
 
-/* RESERVED(tid) -> COMMITTED or ABORTED. */
-static int finish_reserved(RingObject *r, uint64_t pos, uint32_t tid, unsigned to)
+/* Why a record this process meant to finish (`state`, owner `me`) is not its to finish: held
+ * by another process (a block inherited through fork), or changed under us (recovery judged
+ * us dead, or corruption). `w` is the word found instead. */
+__attribute__((noinline, cold)) static int not_mine(RingObject *r, uint64_t pos, uint64_t w, unsigned state)
 {
-    if (!cas64_v(rec(r, pos), mkw(pos, ST_RESERVED, tid), mkw(pos, to, 0)))
-        return corrupt(r, "a record changed while this process was writing it", pos);
-    return RS_OK;
+    if (W_TAG(w) == tag_of(pos) && W_ST(w) == state)
+        return fail(r, "not_owner", "(KI)", (unsigned long long)pos, (unsigned)W_OWNER(w));
+    return corrupt(r, state == ST_RESERVED ? "changed_writing" : "changed_reading", pos);
+}
+
+/* RESERVED(me) -> COMMITTED or ABORTED. */
+static inline int finish_reserved(RingObject *r, uint64_t pos, uint32_t me, unsigned to)
+{
+    uint64_t w = mkw(pos, ST_RESERVED, me);
+    if (cas64(rec(r, pos), &w, mkw(pos, to, 0)))
+        return RS_OK;
+    return not_mine(r, pos, w, ST_RESERVED);
 }
 
 /* ---- consumer side ----------------------------------------------------------------------- */
 
-/* One attempt to take the first committed record. RS_OK: the record at *pos is TAKEN by
- * `tid`, *len its payload length. RS_EMPTY: nothing written. RS_BUSY: only records still being
- * written (*busy = header word of the first). */
-static int try_take(RingObject *r, uint32_t tid, uint64_t *pos, uint64_t *len, uint64_t *busy)
+/* Hand a record this process took back to the consumers: TAKEN(me) -> COMMITTED, and move
+ * `head` back to it, since a consumer (this one, or another walking past a TAKEN record) may
+ * have moved it on and consumers only look from `head` on. `free` cannot have passed it.
+ * Used when the message cannot be delivered after all (out of memory), so it is not lost. */
+static void give_back(RingObject *r, uint64_t pos, uint32_t me)
 {
     char *c = r->ctrl;
+    if (!cas64_v(rec(r, pos), mkw(pos, ST_TAKEN, me), mkw(pos, ST_COMMITTED, 0)))
+        return;
+    for (int i = 0; i < 1000; i++) {
+        uint64_t h = ld_acq(c + C_HEAD);
+        if (h <= pos || cas64_v(c + C_HEAD, h, pos))
+            break;
+    }
+    wake_consumers(r);
+}
+
+/* One attempt to take the first committed record. RS_OK: the record at *pos is TAKEN by `me`,
+ * *len its payload length. RS_EMPTY: nothing written. RS_BUSY: only records still being
+ * written (their positions go into *busy). */
+static int try_take(RingObject *r, uint32_t me, uint64_t *pos, uint64_t *len, busy_set *busy)
+{
+    char *c = r->ctrl;
+    busy->n = 0;
     for (int restarts = 0; restarts < 1000000; restarts++) {
         uint64_t h = ld_acq(c + C_HEAD);
         uint64_t f = ld_acq(c + C_FREE);
-        if (h < f || h - f > r->cap || (h & 15)) {
+        if (h < f || h - f > r->cap || (h & 15) || f > POS_LIMIT) {
             if (ld_acq(c + C_HEAD) != h)
                 continue;
-            return corrupt(r, "the head cursor is outside the ring", h);
+            return corrupt(r, "head_cursor", h);
         }
         uint64_t p = h;
-        int at_head = 1, found_busy = 0, restart = 0;
-        /* Records still being written that this walk stepped past, and their header words. */
-        uint64_t skipped_pos[SKIP_MAX], skipped_word[SKIP_MAX];
+        int at_head = 1, restart = 0;
+        /* Records still being written that this walk stepped past (positions in busy->pos),
+         * and their header words. */
+        uint64_t skipped_word[SKIP_MAX];
         int nskip = 0;
+        busy->n = 0;
         for (;;) {
             if (p - f > r->cap) {
                 /* `free` may have moved on since we read it: look again before judging. */
@@ -456,7 +607,7 @@ static int try_take(RingObject *r, uint32_t tid, uint64_t *pos, uint64_t *len, u
                 }
                 if (ld_acq(c + C_HEAD) != h)
                     break;
-                return corrupt(r, "the records run past the ring's capacity", p);
+                return corrupt(r, "run_past", p);
             }
             char *rp = rec(r, p);
             uint64_t w = ld_acq(rp);
@@ -464,13 +615,12 @@ static int try_take(RingObject *r, uint32_t tid, uint64_t *pos, uint64_t *len, u
             if (W_TAG(w) != tag_of(p) || st < ST_VACANT || st > ST_PAD) {
                 if (ld_acq(c + C_HEAD) != h)
                     break;
-                return corrupt(r, "a record header does not match its position", p);
+                return corrupt(r, "header_position", p);
             }
             if (st == ST_VACANT)
-                return found_busy ? RS_BUSY : RS_EMPTY;
+                return nskip > 0 ? RS_BUSY : RS_EMPTY;
             if (st == ST_CLAIMED) {
-                if (!found_busy)
-                    *busy = w;
+                busy->pos[busy->n++] = p;
                 return RS_BUSY;
             }
             uint64_t l;
@@ -483,7 +633,7 @@ static int try_take(RingObject *r, uint32_t tid, uint64_t *pos, uint64_t *len, u
                 }
                 if (ld_acq(c + C_HEAD) != h)
                     break;
-                return corrupt(r, "a record has an impossible length", p);
+                return corrupt(r, "length", p);
             }
             if (st == ST_COMMITTED) {
                 /* Per-producer order: a producer commits a record before it claims its next
@@ -491,11 +641,23 @@ static int try_take(RingObject *r, uint32_t tid, uint64_t *pos, uint64_t *len, u
                  * load of this later COMMITTED one), it belongs to another producer. If it
                  * changed meanwhile, it may be this one's predecessor: walk again. */
                 for (int i = 0; i < nskip && !restart; i++)
-                    restart = ld_acq(rec(r, skipped_pos[i])) != skipped_word[i];
+                    restart = ld_acq(rec(r, busy->pos[i])) != skipped_word[i];
                 if (restart)
                     break;
-                if (!cas64(rp, &w, mkw(p, ST_TAKEN, tid)))
+                if (!cas64(rp, &w, mkw(p, ST_TAKEN, me)))
                     continue; /* lost the race for it: look at its new state */
+                /* Stale take (tag wrap): we read this header long ago and took the identical
+                 * COMMITTED word of a later lap, whose length we never read. That record's
+                 * real position is the one with its tag in [free, free + capacity); `free`
+                 * is past p then, and never is otherwise. Give it back and look again. */
+                uint64_t f_now = ld_acq(c + C_FREE);
+                if (f_now > p) {
+                    uint64_t real = f_now + ((p - f_now) & (TAG_PERIOD - 1));
+                    /* (A scribbled `free` gives no such position: give back in place, and the
+                     * cursor checks report the damage.) */
+                    give_back(r, ring_off(r, real) == ring_off(r, p) ? real : p, me);
+                    break;
+                }
                 if (at_head)
                     cas64_v(c + C_HEAD, h, p + total);
                 *pos = p;
@@ -503,12 +665,9 @@ static int try_take(RingObject *r, uint32_t tid, uint64_t *pos, uint64_t *len, u
                 return RS_OK;
             }
             if (st == ST_RESERVED) {
-                if (!found_busy)
-                    *busy = w;
-                found_busy = 1;
                 if (nskip == SKIP_MAX)
                     return RS_BUSY;
-                skipped_pos[nskip] = p;
+                busy->pos[busy->n++] = p;
                 skipped_word[nskip++] = w;
                 at_head = 0; /* the head waits for it; later records may still be taken */
             } else if (at_head) {
@@ -523,68 +682,112 @@ static int try_take(RingObject *r, uint32_t tid, uint64_t *pos, uint64_t *len, u
     return RS_BUSY;
 }
 
-/* TAKEN(tid) -> FREED, then hand the space back. */
-static int release_taken(RingObject *r, uint64_t pos, uint32_t tid)
+/* TAKEN(me) -> FREED (the space goes back when `free` passes it). */
+static inline int release_taken(RingObject *r, uint64_t pos, uint32_t me)
 {
-    if (!cas64_v(rec(r, pos), mkw(pos, ST_TAKEN, tid), mkw(pos, ST_FREED, 0)))
-        return corrupt(r, "a record changed while this process was reading it", pos);
-    return RS_OK;
+    uint64_t w = mkw(pos, ST_TAKEN, me);
+    if (cas64(rec(r, pos), &w, mkw(pos, ST_FREED, 0)))
+        return RS_OK;
+    return not_mine(r, pos, w, ST_TAKEN);
 }
 
 /* ---- recovery ------------------------------------------------------------------------------ */
 
-/* Finish what dead owners left from `free` to the end of the written records. Returns 1 when
- * something changed, 0 when not, RS_ERROR on corruption. Slow path: reads /proc. */
-static int recover(RingObject *r)
+/* Owners seen alive in one recovery pass, so each costs one /proc read. */
+typedef struct {
+    uint32_t me;
+    uint32_t alive[8];
+    int n;
+} owner_cache;
+
+static int owner_dead(owner_cache *oc, uint32_t owner)
+{
+    if (owner == oc->me)
+        return 0; /* this process holds it: alive by definition */
+    for (int i = 0; i < oc->n; i++)
+        if (oc->alive[i] == owner)
+            return 0;
+    if (!shmkit_task_alive(owner))
+        return 1;
+    if (oc->n < 8)
+        oc->alive[oc->n++] = owner;
+    return 0;
+}
+
+/* Finish the record at `p` for its owner if it holds it (CLAIMED, RESERVED, TAKEN) and is
+ * gone. Returns 1 when it changed the record; *w_out is the header word as last seen. The CAS
+ * names the whole word (tag, state, owner), so even a stale `p` can only hit a record that
+ * really is held by that dead owner. */
+static int recover_at(RingObject *r, uint64_t p, owner_cache *oc, uint64_t *w_out)
 {
     char *c = r->ctrl;
+    char *rp = rec(r, p);
+    uint64_t w = ld_acq(rp);
+    unsigned st = W_ST(w);
+    *w_out = w;
+    if ((p & 15) || W_TAG(w) != tag_of(p) || !(st == ST_CLAIMED || st == ST_RESERVED || st == ST_TAKEN))
+        return 0;
+    if (!owner_dead(oc, W_OWNER(w)))
+        return 0;
+    unsigned to = st == ST_CLAIMED ? ST_VACANT : st == ST_RESERVED ? ST_ABORTED : ST_FREED;
+    uint64_t nw = mkw(p, to, 0);
+    if (!cas64(rp, &w, nw)) {
+        *w_out = w;
+        return 0;
+    }
+    *w_out = nw;
+    if (st == ST_RESERVED)
+        atomic_fetch_add(A64(c + C_ABORTED), 1);
+    else if (st == ST_TAKEN)
+        atomic_fetch_add(A64(c + C_LOST), 1);
+    return 1;
+}
+
+/* Recover along the records from `p` on, up to the end of the written ones. */
+static int recover_window(RingObject *r, uint64_t p, owner_cache *oc)
+{
     int changed = 0;
-    uint32_t alive_cache[8] = {0};
-    int n_alive = 0;
-    r->last_recover_ns = shmkit_monotonic_ns();
-    uint64_t f = ld_acq(c + C_FREE);
-    uint64_t p = f;
-    if (f & 15)
+    uint64_t start = p;
+    if ((p & 15) || p > POS_LIMIT)
         return 0; /* corrupt: the hot paths report it */
-    /* Bounded: the records that can block anyone sit near `free` or near the end. */
-    for (uint64_t steps = 0; steps <= r->cap / HDR + 1 && steps < 4096; steps++) {
-        if (p - f > r->cap)
-            break;
-        char *rp = rec(r, p);
-        uint64_t w = ld_acq(rp);
+    for (int steps = 0; steps < RECOVER_STEPS && p - start < r->cap; steps++) {
+        uint64_t w;
+        changed |= recover_at(r, p, oc, &w);
         unsigned st = W_ST(w);
-        if (W_TAG(w) != tag_of(p) || st < ST_VACANT || st > ST_PAD)
-            break; /* moved on under us (or corrupt: the hot path reports that) */
-        if (st == ST_CLAIMED || st == ST_RESERVED || st == ST_TAKEN) {
-            uint32_t tid = W_TID(w);
-            int known = 0;
-            for (int i = 0; i < n_alive; i++)
-                known |= alive_cache[i] == tid;
-            if (!known && tid != shmkit_gettid() && !shmkit_task_alive(tid)) {
-                unsigned to = st == ST_CLAIMED ? ST_VACANT : st == ST_RESERVED ? ST_ABORTED : ST_FREED;
-                if (cas64_v(rp, w, mkw(p, to, 0))) {
-                    changed = 1;
-                    if (st == ST_RESERVED)
-                        atomic_fetch_add(A64(c + C_ABORTED), 1);
-                    else if (st == ST_TAKEN)
-                        atomic_fetch_add(A64(c + C_LOST), 1);
-                }
-                continue; /* look at the new state */
-            }
-            if (!known && n_alive < 8)
-                alive_cache[n_alive++] = tid;
-        }
-        if (st == ST_VACANT || st == ST_CLAIMED)
-            break;
+        if (W_TAG(w) != tag_of(p) || st <= ST_CLAIMED || st > ST_PAD)
+            break; /* the end (VACANT, a claim), or moved on under us */
         uint64_t total = rec_total(r, p, w, NULL);
         if (total == 0)
             break;
         p += total;
     }
+    return changed;
+}
+
+/* Finish what dead owners left where it blocks anyone: the records that hold `free` back
+ * (producers wait for them), those from `head` on (consumers wait for them), and the records
+ * in `busy` the caller is blocked by. Returns 1 when something changed, 0 when not, RS_ERROR
+ * on corruption. Slow path: reads /proc. */
+static int recover(RingObject *r, const busy_set *busy)
+{
+    char *c = r->ctrl;
+    owner_cache oc = {.me = owner_id()};
+    int changed = 0;
+    r->last_recover_ns = shmkit_monotonic_ns();
+    /* `free` lags behind until producers need room: bring it up to the first record that
+     * holds it back, so that record is the first one the walk below sees. */
+    if (help_free(r) < 0)
+        return RS_ERROR;
+    changed |= recover_window(r, ld_acq(c + C_FREE), &oc);
+    changed |= recover_window(r, ld_acq(c + C_HEAD), &oc);
+    for (int i = 0; busy != NULL && i < busy->n; i++) {
+        uint64_t w;
+        changed |= recover_at(r, busy->pos[i], &oc, &w);
+    }
     if (changed) {
         if (help_free(r) < 0)
             return RS_ERROR;
-        wake_consumers(r, INT_MAX);
+        wake_consumers(r);
         wake_producers(r);
     }
     return changed;
@@ -625,36 +828,46 @@ static int nap(RingObject *r, unsigned round)
         return 0;
     }
     struct timespec ts = {0, round < 256 ? 20000 : 500000};
-    r->active++;
+    active_enter(r);
     Py_BEGIN_ALLOW_THREADS
     nanosleep(&ts, NULL);
     Py_END_ALLOW_THREADS
-    r->active--;
+    active_leave(r);
     return PyErr_CheckSignals();
 }
 
 /* Wait on a futex word for the counterpart, registered as a waiter. `slice_ns` bounds how
  * long before the caller looks again (recovery). Returns 0 to look again, -1 on a signal. */
-static int wait_on(RingObject *r, int seq_off, int waiting_off, int64_t deadline, int64_t slice_ns,
-                   int (*recheck)(RingObject *, void *), void *arg)
+static int wait_on(RingObject *r, int seq_off, int waiting_off, uint32_t slot_unit, int64_t deadline,
+                   int64_t slice_ns, int (*recheck)(RingObject *, void *), void *arg)
 {
     _Atomic uint32_t *seq = A32(r->ctrl + seq_off);
-    _Atomic uint32_t *waiting = A32(r->ctrl + waiting_off); /* for statistics only */
-    atomic_fetch_add(waiting, 1);
-    uint32_t s = atomic_fetch_or(seq, 1u) | 1u; /* seq_cst: ordered before the recheck's loads */
+    /* How many sleep, for statistics only: in this process's slot when it has one. */
+    _Atomic uint32_t *waiting = A32(r->ctrl + waiting_off);
+    uint32_t unit = 1;
+    if (slot_mine(r)) {
+        waiting = A32(r->slot + SLOT_FLAGS);
+        unit = slot_unit;
+    }
+    atomic_fetch_add_explicit(waiting, unit, memory_order_relaxed);
+    uint32_t s = atomic_fetch_or(seq, 1u) | 1u;
+    /* The recheck's loads are acquire only, and an acquire load may be satisfied before an
+     * earlier store (aarch64 LDAPR; the C11 model): this fence keeps the bit's store before
+     * them, so either they see the waker's publication or the waker sees the bit. */
+    atomic_thread_fence(memory_order_seq_cst);
     int rc = recheck(r, arg);
     if (rc == 0) {
         int64_t until = shmkit_monotonic_ns() + slice_ns;
         if (deadline > 0 && deadline < until)
             until = deadline;
-        r->active++;
+        active_enter(r);
         rc = shmkit_wait_u32(seq, s, until, 0);
-        r->active--;
+        active_leave(r);
         rc = rc < 0 ? -1 : 0;
     } else {
         rc = rc < 0 ? -1 : 0;
     }
-    atomic_fetch_sub(waiting, 1);
+    atomic_fetch_sub_explicit(waiting, unit, memory_order_relaxed);
     return rc;
 }
 
@@ -662,17 +875,17 @@ typedef struct {
     const uint64_t *lens;
     int n;
     int got;
-    uint32_t tid;
+    uint32_t me;
     uint64_t *pos;
     uint64_t *len_out;
-    uint64_t busy;
+    busy_set busy;
     int result;
 } step_args;
 
 static int recheck_reserve(RingObject *r, void *arg)
 {
     step_args *a = arg;
-    a->result = try_reserve(r, a->lens, a->n, a->tid, a->pos, &a->got, &a->busy);
+    a->result = try_reserve(r, a->lens, a->n, a->me, a->pos, &a->got, &a->busy);
     if (a->result == RS_ERROR)
         return -1;
     return a->result == RS_FULL ? 0 : 1;
@@ -681,7 +894,7 @@ static int recheck_reserve(RingObject *r, void *arg)
 static int recheck_take(RingObject *r, void *arg)
 {
     step_args *a = arg;
-    a->result = try_take(r, a->tid, a->pos, a->len_out, &a->busy);
+    a->result = try_take(r, a->me, a->pos, a->len_out, &a->busy);
     if (a->result == RS_ERROR)
         return -1;
     if (a->result == RS_EMPTY && atomic_load(A32(r->ctrl + C_CLOSED)))
@@ -717,10 +930,17 @@ static int recover_due(RingObject *r)
 static int reserve_wait(RingObject *r, const uint64_t *lens, int n, int64_t deadline, uint64_t *pos,
                         int *got)
 {
-    step_args a = {.lens = lens, .n = n, .tid = shmkit_gettid(), .pos = pos};
+    step_args a; /* not `= {...}`: that would zero the busy set on every call */
+    a.lens = lens;
+    a.n = n;
+    a.got = 0;
+    a.me = owner_id();
+    a.pos = pos;
+    a.len_out = NULL;
+    a.busy.n = 0;
     unsigned busy_rounds = 0;
     for (;;) {
-        a.result = try_reserve(r, lens, n, a.tid, pos, &a.got, &a.busy);
+        a.result = try_reserve(r, lens, n, a.me, pos, &a.got, &a.busy);
         *got = a.got;
         if (a.result == RS_OK || a.result == RS_ERROR || a.result == RS_CLOSED)
             return a.result;
@@ -729,7 +949,7 @@ static int reserve_wait(RingObject *r, const uint64_t *lens, int n, int64_t dead
         if (a.result == RS_BUSY) {
             /* Another producer is mid-claim (a few instructions unless it was descheduled
              * or killed): back off, and check it is alive now and then. */
-            if (busy_rounds > 64 && recover_due(r) && recover(r) < 0)
+            if (busy_rounds > 64 && recover_due(r) && recover(r, &a.busy) < 0)
                 return RS_ERROR;
             if (deadline_passed(deadline) && busy_rounds > (deadline == 0 ? 200u : 0u))
                 return RS_FULL;
@@ -739,7 +959,7 @@ static int reserve_wait(RingObject *r, const uint64_t *lens, int n, int64_t dead
         }
         busy_rounds = 0;
         if (recover_due(r)) {
-            int rc = recover(r);
+            int rc = recover(r, NULL);
             if (rc < 0)
                 return RS_ERROR;
             if (rc > 0)
@@ -755,7 +975,8 @@ static int reserve_wait(RingObject *r, const uint64_t *lens, int n, int64_t dead
                 return a.result;
             continue;
         }
-        if (wait_on(r, C_SPACE_SEQ, C_PROD_WAITING, deadline, RECOVER_SLICE_NS, recheck_reserve, &a) < 0)
+        if (wait_on(r, C_SPACE_SEQ, C_PROD_WAITING, SLOT_PROD_WAIT_UNIT, deadline, RECOVER_SLICE_NS,
+                    recheck_reserve, &a) < 0)
             return RS_ERROR;
         *got = a.got;
         if (a.result == RS_OK || a.result == RS_CLOSED)
@@ -766,22 +987,33 @@ static int reserve_wait(RingObject *r, const uint64_t *lens, int n, int64_t dead
 /* Take a record, waiting until `deadline`. RS_OK, RS_EMPTY (timed out), RS_CLOSED, RS_ERROR. */
 static int take_wait(RingObject *r, int64_t deadline, uint64_t *pos, uint64_t *len)
 {
-    step_args a = {.tid = shmkit_gettid(), .pos = pos, .len_out = len};
+    step_args a; /* not `= {...}`: that would zero the busy set on every call */
+    a.lens = NULL;
+    a.n = 0;
+    a.got = 0;
+    a.me = owner_id();
+    a.pos = pos;
+    a.len_out = len;
+    a.busy.n = 0;
     for (;;) {
-        a.result = try_take(r, a.tid, pos, len, &a.busy);
+        a.result = try_take(r, a.me, pos, len, &a.busy);
         if (a.result == RS_OK || a.result == RS_ERROR)
             return a.result;
         if (a.result == RS_EMPTY && atomic_load(A32(r->ctrl + C_CLOSED))) {
-            /* closed was seen before this second look: anything put before the close is in. */
-            a.result = try_take(r, a.tid, pos, len, &a.busy);
+            /* closed was seen before this second look: anything put before the close is in.
+             * The fence makes the second walk's acquire loads see every claim that the closed
+             * flag's seq_cst order puts before it (a claim is followed by a seq_cst load of
+             * closed that found it 0). */
+            atomic_thread_fence(memory_order_seq_cst);
+            a.result = try_take(r, a.me, pos, len, &a.busy);
             if (a.result == RS_OK || a.result == RS_ERROR)
                 return a.result;
             if (a.result == RS_EMPTY)
                 return RS_CLOSED;
         }
         if (a.result == RS_BUSY && recover_due(r)) {
-            /* Blocked by a record someone is writing: is that someone alive? */
-            int rc = recover(r);
+            /* Blocked by records someone is writing: is that someone alive? */
+            int rc = recover(r, &a.busy);
             if (rc < 0)
                 return RS_ERROR;
             if (rc > 0)
@@ -797,7 +1029,8 @@ static int take_wait(RingObject *r, int64_t deadline, uint64_t *pos, uint64_t *l
             continue;
         }
         int64_t slice = a.result == RS_BUSY ? RECOVER_SLICE_NS : IDLE_SLICE_NS;
-        if (wait_on(r, C_DATA_SEQ, C_CONS_WAITING, deadline, slice, recheck_take, &a) < 0)
+        if (wait_on(r, C_DATA_SEQ, C_CONS_WAITING, SLOT_CONS_WAIT_UNIT, deadline, slice, recheck_take,
+                    &a) < 0)
             return RS_ERROR;
         if (a.result == RS_OK)
             return RS_OK;
@@ -806,22 +1039,26 @@ static int take_wait(RingObject *r, int64_t deadline, uint64_t *pos, uint64_t *l
 
 /* ---- copying ------------------------------------------------------------------------------- */
 
-static void copy_maybe_nogil(RingObject *r, char *dst, const char *src, size_t n)
+__attribute__((noinline)) static void copy_nogil(RingObject *r, char *dst, const char *src, size_t n)
 {
-    if (n >= NOGIL_COPY) {
-        r->active++;
-        Py_BEGIN_ALLOW_THREADS
+    active_enter(r);
+    Py_BEGIN_ALLOW_THREADS
+    memcpy(dst, src, n);
+    Py_END_ALLOW_THREADS
+    active_leave(r);
+}
+
+static inline void copy_maybe_nogil(RingObject *r, char *dst, const char *src, size_t n)
+{
+    if (n >= NOGIL_COPY)
+        copy_nogil(r, dst, src, n);
+    else
         memcpy(dst, src, n);
-        Py_END_ALLOW_THREADS
-        r->active--;
-    } else {
-        memcpy(dst, src, n);
-    }
 }
 
 static inline void count(RingObject *r, int slot_field, unsigned role, uint64_t n)
 {
-    if (r->slot != NULL) {
+    if (slot_mine(r)) {
         char *p = r->slot + slot_field;
         /* One writer per slot (this handle, under the GIL): a plain read-modify-write. */
         st_rlx(p, ld_rlx(p) + n);
@@ -840,37 +1077,24 @@ static PyObject *raise_result(RingObject *r, int rc, int putting, int64_t deadli
 {
     if (rc == RS_ERROR)
         return NULL;
-    if (rc == RS_CLOSED) {
-        if (putting)
-            PyErr_Format(exc_closed, "cannot put into %U: the channel was closed", r->label);
-        else
-            PyErr_Format(exc_closed, "%U is closed and every message has been taken", r->label);
-        return NULL;
-    }
-    if (putting)
-        PyErr_Format(exc_full, deadline == 0 ? "%U is full" : "%U is still full after the timeout",
-                     r->label);
+    if (rc == RS_CLOSED)
+        fail(r, putting ? "closed_put" : "closed_get", "()");
     else
-        PyErr_Format(exc_empty, deadline == 0 ? "%U is empty" : "%U is still empty after the timeout",
-                     r->label);
+        fail(r, putting ? "full" : "empty", "(O)", deadline == 0 ? Py_False : Py_True);
     return NULL;
 }
 
 static int check_size(RingObject *r, Py_ssize_t n)
 {
-    if ((uint64_t)n > r->max_message) {
-        PyErr_Format(exc_too_large,
-                     "a message of %zd bytes is larger than the %llu-byte limit of %U; split it, or "
-                     "create the queue with a larger max_message (and capacity)",
-                     n, (unsigned long long)r->max_message, r->label);
-        return -1;
-    }
+    if ((uint64_t)n > r->max_message)
+        return fail(r, "too_large", "(nK)", n, (unsigned long long)r->max_message);
     return 0;
 }
 
 /* Borrow the bytes of `obj`: bytes objects directly, anything else through the buffer
  * protocol (must be C-contiguous). *view_used tells whether to release `view`. */
-static int get_data(PyObject *obj, Py_buffer *view, const char **data, Py_ssize_t *len, int *view_used)
+static int get_data(RingObject *r, PyObject *obj, Py_buffer *view, const char **data, Py_ssize_t *len,
+                    int *view_used)
 {
     *view_used = 0;
     if (PyBytes_CheckExact(obj)) {
@@ -878,11 +1102,8 @@ static int get_data(PyObject *obj, Py_buffer *view, const char **data, Py_ssize_
         *len = PyBytes_GET_SIZE(obj);
         return 0;
     }
-    if (!PyObject_CheckBuffer(obj) || PyUnicode_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "data must be a bytes-like object, not %.100s",
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
+    if (!PyObject_CheckBuffer(obj) || PyUnicode_Check(obj))
+        return fail(r, "bad_data", "(s)", Py_TYPE(obj)->tp_name);
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) < 0)
         return -1;
     *view_used = 1;
@@ -894,26 +1115,15 @@ static int get_data(PyObject *obj, Py_buffer *view, const char **data, Py_ssize_
 /* ---- argument parsing (fastcall) ----------------------------------------------------------- */
 
 /* Parse (first, timeout=None) or (timeout=None) from a vectorcall argument list. */
-static int parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                      int want_first, PyObject **first, PyObject **timeout)
+static int parse_args(RingObject *r, const char *fname, PyObject *const *args, Py_ssize_t nargs,
+                      PyObject *kwnames, int want_first, PyObject **first, PyObject **timeout)
 {
     Py_ssize_t max_pos = want_first ? 2 : 1;
     *timeout = Py_None;
-    if (nargs > max_pos) {
-        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd positional arguments (%zd given)", fname,
-                     max_pos, nargs);
-        return -1;
-    }
-    if (want_first) {
-        if (nargs < 1) {
-            if (kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0) {
-                PyErr_Format(PyExc_TypeError, "%s() missing its first argument", fname);
-                return -1;
-            }
-        } else {
-            *first = args[0];
-        }
-    }
+    if (nargs > max_pos)
+        return fail(r, "too_many_args", "(snn)", fname, max_pos, nargs);
+    if (want_first && nargs >= 1)
+        *first = args[0];
     if (nargs == max_pos)
         *timeout = args[max_pos - 1];
     if (kwnames != NULL) {
@@ -929,21 +1139,18 @@ static int parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs
                         PyUnicode_CompareWithASCIIString(k, "size") == 0)) {
                 *first = v;
             } else {
-                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fname, k);
-                return -1;
+                return fail(r, "unexpected_arg", "(sO)", fname, k);
             }
         }
-        if (want_first && nargs < 1 && *first == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() missing its first argument", fname);
-            return -1;
-        }
     }
+    if (want_first && *first == NULL)
+        return fail(r, "missing_arg", "(s)", fname);
     return 0;
 }
 
 /* ---- put ---------------------------------------------------------------------------------- */
 
-static int put_one(RingObject *r, const char *data, Py_ssize_t n, int64_t deadline, int wake)
+static int put_one(RingObject *r, const char *data, Py_ssize_t n, int64_t deadline)
 {
     if (check_size(r, n) < 0)
         return RS_ERROR;
@@ -953,10 +1160,9 @@ static int put_one(RingObject *r, const char *data, Py_ssize_t n, int64_t deadli
     if (rc != RS_OK)
         return rc;
     copy_maybe_nogil(r, rec(r, pos) + HDR, data, (size_t)n);
-    if (finish_reserved(r, pos, shmkit_gettid(), ST_COMMITTED) < 0)
+    if (finish_reserved(r, pos, owner_id(), ST_COMMITTED) < 0)
         return RS_ERROR;
-    if (wake)
-        wake_consumers(r, 1);
+    wake_consumers(r);
     count(r, SLOT_PUTS, ROLE_PRODUCER, 1);
     return RS_OK;
 }
@@ -969,9 +1175,9 @@ static PyObject *put_obj(RingObject *r, PyObject *obj, int64_t deadline)
     const char *data;
     Py_ssize_t n;
     int used;
-    if (get_data(obj, &view, &data, &n, &used) < 0)
+    if (get_data(r, obj, &view, &data, &n, &used) < 0)
         return NULL;
-    int rc = put_one(r, data, n, deadline, 1);
+    int rc = put_one(r, data, n, deadline);
     if (used)
         PyBuffer_Release(&view);
     if (rc != RS_OK)
@@ -987,7 +1193,7 @@ PyDoc_STRVAR(put_doc, "put(data, timeout=None)\n--\n\n"
 static PyObject *Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     PyObject *data = NULL, *timeout;
-    if (parse_args("put", args, nargs, kwnames, 1, &data, &timeout) < 0)
+    if (parse_args(self, "put", args, nargs, kwnames, 1, &data, &timeout) < 0)
         return NULL;
     int err;
     int64_t deadline = deadline_from(timeout, &err);
@@ -1004,49 +1210,79 @@ static PyObject *Ring_put_nowait(RingObject *self, PyObject *data)
 }
 
 PyDoc_STRVAR(put_many_doc, "put_many(messages, timeout=None)\n--\n\n"
-"Put every message of an iterable, in order, waking consumers once for the batch.\n\n"
+"Put every message of an iterable, in order, waking consumers once per batch.\n\n"
 "`timeout` bounds the whole call. On Full, the messages before the one that did not fit\n"
-"were put (the exception's `.put_count` says how many).");
+"were put (the exception's `.put_count` says how many); on a bad item (TypeError,\n"
+"MessageTooLargeError) every message before it was put.");
 
 #define PUT_BATCH 64
 
 static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     PyObject *items = NULL, *timeout;
-    if (parse_args("put_many", args, nargs, kwnames, 1, &items, &timeout) < 0)
+    if (parse_args(self, "put_many", args, nargs, kwnames, 1, &items, &timeout) < 0)
         return NULL;
     int err;
     int64_t deadline = deadline_from(timeout, &err);
     if (err || check_usable(self, 1) < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(items, "put_many() needs an iterable of bytes-like objects");
+    /* The GIL is released while we wait for room and during large copies: another thread may
+     * then change a list we were given (clear it, freeing bytes objects whose memory we are
+     * about to copy from). So each batch holds references to its own messages, and a list is
+     * indexed afresh, under the GIL, for each batch. Other iterables become a tuple. */
+    PyObject *seq;
+    if (PyTuple_Check(items) || PyList_Check(items)) {
+        seq = Py_NewRef(items);
+    } else {
+        PyObject *it = PyObject_GetIter(items);
+        if (it == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_TypeError))
+                return NULL;
+            PyErr_Clear();
+            fail(self, "bad_messages", "(s)", Py_TYPE(items)->tp_name);
+            return NULL;
+        }
+        seq = PySequence_Tuple(it);
+        Py_DECREF(it);
+    }
     if (seq == NULL)
         return NULL;
-    Py_ssize_t done = 0, total = PySequence_Fast_GET_SIZE(seq);
-    PyObject **objs = PySequence_Fast_ITEMS(seq);
-    uint32_t tid = shmkit_gettid();
+    int is_list = PyList_Check(seq);
+    Py_ssize_t done = 0, limit = is_list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq);
+    uint32_t me = owner_id();
     int rc = RS_OK;
     /* Up to PUT_BATCH messages are reserved with one claim, copied, then committed in order. */
     Py_buffer views[PUT_BATCH];
+    PyObject *held[PUT_BATCH];
     const char *datas[PUT_BATCH];
     int used[PUT_BATCH];
     uint64_t lens[PUT_BATCH];
     PyObject *et = NULL, *ev = NULL, *etb = NULL; /* a bad item's error, raised after the good ones */
-    while (done < total && rc == RS_OK && et == NULL) {
+    while (done < limit && rc == RS_OK) {
+        if (is_list && PyList_GET_SIZE(seq) < limit)
+            limit = PyList_GET_SIZE(seq); /* shrunk by another thread meanwhile */
         int k = 0;
-        while (k < PUT_BATCH && done + k < total) {
+        while (k < PUT_BATCH && done + k < limit) {
             Py_ssize_t n;
-            if (get_data(objs[done + k], &views[k], &datas[k], &n, &used[k]) < 0)
+            PyObject *item = is_list ? PyList_GET_ITEM(seq, done + k) : PyTuple_GET_ITEM(seq, done + k);
+            if (get_data(self, item, &views[k], &datas[k], &n, &used[k]) < 0)
                 break;
             if (check_size(self, n) < 0) {
                 if (used[k])
                     PyBuffer_Release(&views[k]);
                 break;
             }
+            held[k] = Py_NewRef(item);
             lens[k++] = (uint64_t)n;
         }
-        if (PyErr_Occurred())
-            PyErr_Fetch(&et, &ev, &etb);
+        if (PyErr_Occurred()) {
+            /* Put everything before the bad item, then raise its error. */
+            if (et == NULL)
+                PyErr_Fetch(&et, &ev, &etb);
+            else
+                PyErr_Clear();
+            limit = done + k;
+        }
         if (k > 0) {
             uint64_t pos;
             int got = 0;
@@ -1055,20 +1291,28 @@ static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize
                 int i = 0;
                 for (; i < got; i++) {
                     copy_maybe_nogil(self, rec(self, pos) + HDR, datas[i], (size_t)lens[i]);
-                    if (finish_reserved(self, pos, tid, ST_COMMITTED) < 0) {
+                    if (finish_reserved(self, pos, me, ST_COMMITTED) < 0) {
                         rc = RS_ERROR;
                         break;
                     }
                     pos += HDR + round16(lens[i]);
                 }
+                /* After a failure, drop the rest of the run rather than leave it RESERVED by a
+                 * live process (which would hold the ring's space forever). */
+                for (int j = i + 1; j < got; j++) {
+                    pos += HDR + round16(lens[j - 1]);
+                    cas64_v(rec(self, pos), mkw(pos, ST_RESERVED, me), mkw(pos, ST_ABORTED, 0));
+                }
                 done += i;
                 count(self, SLOT_PUTS, ROLE_PRODUCER, (uint64_t)i);
-                wake_consumers(self, i);
+                wake_consumers(self);
             }
         }
-        for (int i = 0; i < k; i++)
+        for (int i = 0; i < k; i++) {
             if (used[i])
                 PyBuffer_Release(&views[i]);
+            Py_DECREF(held[i]);
+        }
     }
     Py_DECREF(seq);
     if (rc != RS_OK || et != NULL) {
@@ -1095,20 +1339,11 @@ static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize
 
 /* ---- get ---------------------------------------------------------------------------------- */
 
-static PyObject *copy_out(RingObject *r, uint64_t pos, uint64_t len, uint32_t tid)
+/* Copy the TAKEN record at `pos` into `out` (a fresh bytes object of its length) and free it. */
+static int copy_taken(RingObject *r, PyObject *out, uint64_t pos, uint64_t len, uint32_t me)
 {
-    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
-    if (out == NULL) {
-        /* Give the message back rather than lose it: TAKEN -> COMMITTED. */
-        cas64_v(rec(r, pos), mkw(pos, ST_TAKEN, tid), mkw(pos, ST_COMMITTED, 0));
-        return NULL;
-    }
     copy_maybe_nogil(r, PyBytes_AS_STRING(out), rec(r, pos) + HDR, (size_t)len);
-    if (release_taken(r, pos, tid) < 0) {
-        Py_DECREF(out);
-        return NULL;
-    }
-    return out;
+    return release_taken(r, pos, me);
 }
 
 static PyObject *get_obj(RingObject *r, int64_t deadline)
@@ -1116,12 +1351,19 @@ static PyObject *get_obj(RingObject *r, int64_t deadline)
     if (check_usable(r, 1) < 0)
         return NULL;
     uint64_t pos, len;
+    uint32_t me = owner_id();
     int rc = take_wait(r, deadline, &pos, &len);
     if (rc != RS_OK)
         return raise_result(r, rc, 0, deadline);
-    PyObject *out = copy_out(r, pos, len, shmkit_gettid());
-    if (out == NULL)
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+    if (out == NULL) {
+        give_back(r, pos, me); /* rather than lose it */
         return NULL;
+    }
+    if (copy_taken(r, out, pos, len, me) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
     /* Space goes back lazily: producers advance `free` themselves when they run short, so a
      * consumer only does it when a producer sleeps for room. */
     if (producers_sleep(r) && help_free(r) < 0) {
@@ -1139,7 +1381,7 @@ PyDoc_STRVAR(get_doc, "get(timeout=None) -> bytes\n--\n\n"
 static PyObject *Ring_get(RingObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     PyObject *timeout;
-    if (parse_args("get", args, nargs, kwnames, 0, NULL, &timeout) < 0)
+    if (parse_args(self, "get", args, nargs, kwnames, 0, NULL, &timeout) < 0)
         return NULL;
     int err;
     int64_t deadline = deadline_from(timeout, &err);
@@ -1164,47 +1406,54 @@ PyDoc_STRVAR(get_many_doc, "get_many(max_messages, timeout=None) -> list[bytes]\
 static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     PyObject *maxobj = NULL, *timeout;
-    if (parse_args("get_many", args, nargs, kwnames, 1, &maxobj, &timeout) < 0)
+    if (parse_args(self, "get_many", args, nargs, kwnames, 1, &maxobj, &timeout) < 0)
         return NULL;
-    if (!PyLong_Check(maxobj)) {
-        PyErr_Format(PyExc_TypeError, "max_messages must be an int, not %.100s", Py_TYPE(maxobj)->tp_name);
-        return NULL;
-    }
+    if (!PyLong_Check(maxobj))
+        return fail(self, "bad_type", "(ss)", "max_messages", Py_TYPE(maxobj)->tp_name), NULL;
     Py_ssize_t maxn = PyLong_AsSsize_t(maxobj);
     if (maxn == -1 && PyErr_Occurred())
         return NULL;
-    if (maxn < 1) {
-        PyErr_Format(PyExc_ValueError, "max_messages must be at least 1, not %zd", maxn);
-        return NULL;
-    }
+    if (maxn < 1)
+        return fail(self, "bad_count", "(sn)", "max_messages", maxn), NULL;
     int err;
     int64_t deadline = deadline_from(timeout, &err);
     if (err || check_usable(self, 1) < 0)
         return NULL;
-    uint32_t tid = shmkit_gettid();
-    uint64_t pos, len, busy;
+    uint32_t me = owner_id();
+    uint64_t pos, len;
+    busy_set busy;
     int rc = take_wait(self, deadline, &pos, &len);
     if (rc != RS_OK)
         return raise_result(self, rc, 0, deadline);
     PyObject *list = PyList_New(0);
     if (list == NULL) {
-        cas64_v(rec(self, pos), mkw(pos, ST_TAKEN, tid), mkw(pos, ST_COMMITTED, 0));
+        give_back(self, pos, me);
         return NULL;
     }
     Py_ssize_t got = 0;
     for (;;) {
-        PyObject *msg = copy_out(self, pos, len, tid);
+        /* The bytes object goes into the list before the record is freed: if either step runs
+         * out of memory, the message is given back instead of lost. */
+        PyObject *msg = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
         if (msg == NULL || PyList_Append(list, msg) < 0) {
             Py_XDECREF(msg);
+            give_back(self, pos, me);
+            if (got == 0) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            PyErr_Clear(); /* deliver what we have; the rest stays in the queue */
+            break;
+        }
+        Py_DECREF(msg); /* the list holds it */
+        if (copy_taken(self, msg, pos, len, me) < 0) {
             Py_DECREF(list);
-            help_free(self);
             return NULL;
         }
-        Py_DECREF(msg);
         got++;
         if (got >= maxn)
             break;
-        rc = try_take(self, tid, &pos, &len, &busy);
+        rc = try_take(self, me, &pos, &len, &busy);
         if (rc == RS_ERROR) {
             Py_DECREF(list);
             return NULL;
@@ -1228,11 +1477,10 @@ static int pos_arg(RingObject *r, PyObject *obj, uint64_t *pos)
     if (v == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
     if (v & 15) {
-        PyErr_Format(PyExc_ValueError, "%llu is not a record position", v);
+        fail(r, "bad_position", "(K)", v);
         return -1;
     }
     *pos = v;
-    (void)r;
     return 0;
 }
 
@@ -1243,24 +1491,20 @@ static PyObject *seg_offset(RingObject *r, uint64_t pos)
 
 PyDoc_STRVAR(reserve_doc, "_reserve(size, timeout=None) -> (position, offset)\n--\n\n"
 "Reserve a record of `size` bytes for writing in place at `offset` of the segment buffer.\n"
-"Finish it with _commit(position) or _abort(position) from the same thread.");
+"Finish it with _commit(position) or _abort(position) from any thread of this process.");
 
 static PyObject *Ring_reserve(RingObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     PyObject *sizeobj = NULL, *timeout;
-    if (parse_args("reserve", args, nargs, kwnames, 1, &sizeobj, &timeout) < 0)
+    if (parse_args(self, "reserve", args, nargs, kwnames, 1, &sizeobj, &timeout) < 0)
         return NULL;
-    if (!PyLong_Check(sizeobj)) {
-        PyErr_Format(PyExc_TypeError, "size must be an int, not %.100s", Py_TYPE(sizeobj)->tp_name);
-        return NULL;
-    }
+    if (!PyLong_Check(sizeobj))
+        return fail(self, "bad_type", "(ss)", "size", Py_TYPE(sizeobj)->tp_name), NULL;
     Py_ssize_t n = PyLong_AsSsize_t(sizeobj);
     if (n == -1 && PyErr_Occurred())
         return NULL;
-    if (n < 0) {
-        PyErr_Format(PyExc_ValueError, "size must be >= 0, not %zd", n);
-        return NULL;
-    }
+    if (n < 0)
+        return fail(self, "bad_size", "(n)", n), NULL;
     int err;
     int64_t deadline = deadline_from(timeout, &err);
     if (err || check_usable(self, 1) < 0 || check_size(self, n) < 0)
@@ -1270,22 +1514,23 @@ static PyObject *Ring_reserve(RingObject *self, PyObject *const *args, Py_ssize_
     int rc = reserve_wait(self, &len, 1, deadline, &pos, &got);
     if (rc != RS_OK)
         return raise_result(self, rc, 1, deadline);
-    PyObject *off = seg_offset(self, pos);
-    if (off == NULL) {
-        finish_reserved(self, pos, shmkit_gettid(), ST_ABORTED);
-        return NULL;
+    PyObject *result = Py_BuildValue("(KN)", (unsigned long long)pos, seg_offset(self, pos));
+    if (result == NULL) {
+        /* Never leave a record RESERVED by a live process that forgot it. */
+        cas64_v(rec(self, pos), mkw(pos, ST_RESERVED, owner_id()), mkw(pos, ST_ABORTED, 0));
+        wake_consumers(self);
     }
-    return Py_BuildValue("(KN)", (unsigned long long)pos, off);
+    return result;
 }
 
 static PyObject *finish_py(RingObject *self, PyObject *arg, unsigned to)
 {
-    uint64_t pos;
+    uint64_t pos = 0;
     if (check_usable(self, 1) < 0 || pos_arg(self, arg, &pos) < 0)
         return NULL;
-    if (finish_reserved(self, pos, shmkit_gettid(), to) < 0)
+    if (finish_reserved(self, pos, owner_id(), to) < 0)
         return NULL;
-    wake_consumers(self, 1);
+    wake_consumers(self);
     if (to == ST_COMMITTED)
         count(self, SLOT_PUTS, ROLE_PRODUCER, 1);
     Py_RETURN_NONE;
@@ -1295,12 +1540,13 @@ static PyObject *Ring_commit(RingObject *self, PyObject *arg) { return finish_py
 static PyObject *Ring_abort(RingObject *self, PyObject *arg) { return finish_py(self, arg, ST_ABORTED); }
 
 PyDoc_STRVAR(take_doc, "_take(timeout=None) -> (position, offset, length)\n--\n\n"
-"Take the next message for reading in place; hand it back with _release(position).");
+"Take the next message for reading in place; hand it back with _release(position) (read)\n"
+"or _untake(position) (not read: it goes back to the consumers).");
 
 static PyObject *Ring_take(RingObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     PyObject *timeout;
-    if (parse_args("take", args, nargs, kwnames, 0, NULL, &timeout) < 0)
+    if (parse_args(self, "take", args, nargs, kwnames, 0, NULL, &timeout) < 0)
         return NULL;
     int err;
     int64_t deadline = deadline_from(timeout, &err);
@@ -1310,22 +1556,32 @@ static PyObject *Ring_take(RingObject *self, PyObject *const *args, Py_ssize_t n
     int rc = take_wait(self, deadline, &pos, &len);
     if (rc != RS_OK)
         return raise_result(self, rc, 0, deadline);
-    PyObject *off = seg_offset(self, pos);
-    if (off == NULL) {
-        cas64_v(rec(self, pos), mkw(pos, ST_TAKEN, shmkit_gettid()), mkw(pos, ST_COMMITTED, 0));
-        return NULL;
-    }
-    return Py_BuildValue("(KNK)", (unsigned long long)pos, off, (unsigned long long)len);
+    PyObject *result =
+        Py_BuildValue("(KNK)", (unsigned long long)pos, seg_offset(self, pos), (unsigned long long)len);
+    if (result == NULL)
+        give_back(self, pos, owner_id());
+    return result;
 }
 
 static PyObject *Ring_release(RingObject *self, PyObject *arg)
 {
-    uint64_t pos;
+    uint64_t pos = 0;
     if (check_usable(self, 1) < 0 || pos_arg(self, arg, &pos) < 0)
         return NULL;
-    if (release_taken(self, pos, shmkit_gettid()) < 0 || (producers_sleep(self) && help_free(self) < 0))
+    if (release_taken(self, pos, owner_id()) < 0)
         return NULL;
     count(self, SLOT_GETS, ROLE_CONSUMER, 1);
+    if (producers_sleep(self) && help_free(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ring_untake(RingObject *self, PyObject *arg)
+{
+    uint64_t pos = 0;
+    if (check_usable(self, 1) < 0 || pos_arg(self, arg, &pos) < 0)
+        return NULL;
+    give_back(self, pos, owner_id());
     Py_RETURN_NONE;
 }
 
@@ -1349,14 +1605,15 @@ static PyObject *Ring_recover(RingObject *self, PyObject *unused)
     (void)unused;
     if (check_usable(self, 1) < 0)
         return NULL;
-    int rc = recover(self);
+    int rc = recover(self, NULL);
     if (rc < 0)
         return NULL;
     return PyBool_FromLong(rc);
 }
 
 /* Read-only walk from `free` to the end: depth and who is mid-operation. Tolerates racing
- * writers (it retries, then reports what it saw); reports corruption in the result. */
+ * writers (it retries, then reports what it saw); reports corruption in the result as a
+ * reason code ("problem"), which queue.py words. */
 static PyObject *Ring_walk(RingObject *self, PyObject *unused)
 {
     (void)unused;
@@ -1374,19 +1631,19 @@ static PyObject *Ring_walk(RingObject *self, PyObject *unused)
         h = ld_acq(c + C_HEAD);
         t = ld_acq(c + C_TAIL);
         uint64_t p = f;
-        if (f & 15) {
-            problem = "the free cursor is not aligned";
+        if ((f & 15) || f > POS_LIMIT) {
+            problem = "free_cursor";
             break;
         }
         for (uint64_t steps = 0;; steps++) {
             if (p - f > self->cap || steps > self->cap / HDR + 1) {
-                problem = "the records run past the ring's capacity";
+                problem = "run_past";
                 break;
             }
             uint64_t w = ld_acq(rec(self, p));
             unsigned st = W_ST(w);
             if (W_TAG(w) != tag_of(p) || st < ST_VACANT || st > ST_PAD) {
-                problem = "a record header does not match its position";
+                problem = "header_position";
                 break;
             }
             counts[st]++;
@@ -1394,7 +1651,7 @@ static PyObject *Ring_walk(RingObject *self, PyObject *unused)
                 break;
             uint64_t len, total = rec_total(self, p, w, &len);
             if (total == 0) {
-                problem = "a record has an impossible length";
+                problem = "length";
                 break;
             }
             if (st == ST_COMMITTED)
@@ -1424,7 +1681,8 @@ static PyObject *Ring_walk(RingObject *self, PyObject *unused)
 
 PyDoc_STRVAR(attach_doc, "_attach(buffer, ctrl_offset, ring_offset, capacity, max_message, slot_offset, label, hint)\n--\n\n"
 "Map the ring that starts at ctrl_offset of buffer. capacity and max_message come from the\n"
-"checked header and must match the control block. slot_offset is -1 for no slot.");
+"checked header and must match the control block. slot_offset is -1 for no slot. label and\n"
+"hint are handed to the error factory with every error.");
 
 static PyObject *Ring_attach(RingObject *self, PyObject *args)
 {
@@ -1433,14 +1691,8 @@ static PyObject *Ring_attach(RingObject *self, PyObject *args)
     unsigned long long cap, maxm;
     if (!PyArg_ParseTuple(args, "OnnKKnUU", &buffer, &ctrl_off, &ring_off, &cap, &maxm, &slot_off, &label, &hint))
         return NULL;
-    if (self->has_view) {
-        PyErr_SetString(PyExc_ValueError, "ring is already attached");
-        return NULL;
-    }
-    if (shmkit_gettid() > TID_MASK) {
-        PyErr_SetString(PyExc_OSError, "thread ids above 2**22 are not supported");
-        return NULL;
-    }
+    if (self->has_view)
+        return fail(self, "attached", "()"), NULL;
     Py_INCREF(label);
     Py_XSETREF(self->label, label);
     Py_INCREF(hint);
@@ -1455,27 +1707,27 @@ static PyObject *Ring_attach(RingObject *self, PyObject *args)
     char *base = self->view.buf;
     Py_ssize_t size = self->view.len;
     const char *why = NULL;
-    if (cap < 64 || (cap & 15) || cap > (1ULL << 42) || maxm > cap - 2 * HDR)
-        why = "its capacity parameters are impossible";
+    if (cap < 64 || (cap & 15) || cap > SHMKIT_RING_MAX_CAPACITY || maxm > cap - 2 * HDR)
+        why = "attach_params";
     else if (ctrl_off < 0 || (ctrl_off & 63) || ctrl_off + SHMKIT_RING_CTRL_SIZE > ring_off || (ring_off & 15) ||
              ring_off > size || (uint64_t)(size - ring_off) < cap)
-        why = "the ring does not fit in the segment";
+        why = "attach_fit";
     else if (slot_off != -1 && (slot_off < ctrl_off + C_SLOTS || slot_off + SLOT_SIZE > ring_off || (slot_off & 7)))
-        why = "bad attachment slot";
+        why = "attach_slot";
     else if (ld_acq(base + ctrl_off + C_MAGIC) != SHMKIT_RING_MAGIC)
-        why = "its control block has no ring magic";
+        why = "attach_magic";
     else if (ld_acq(base + ctrl_off + C_CAPACITY) != cap || ld_acq(base + ctrl_off + C_MAX_MESSAGE) != maxm)
-        why = "its control block disagrees with its header";
+        why = "attach_disagree";
     if (why != NULL) {
         PyBuffer_Release(&self->view);
-        PyErr_Format(exc_corrupt ? exc_corrupt : PyExc_ValueError, "%U is corrupt: %s%U", label, why, hint);
-        return NULL;
+        return fail(self, "corrupt", "(sO)", why, Py_None), NULL;
     }
     self->has_view = 1;
     self->writable = writable;
     self->ctrl = base + ctrl_off;
     self->ring = base + ring_off;
     self->slot = slot_off >= 0 && writable ? base + slot_off : NULL;
+    self->slot_pid = owner_id();
     self->cap = cap;
     self->max_message = maxm;
     self->mask = (cap & (cap - 1)) == 0 ? cap - 1 : 0;
@@ -1487,15 +1739,11 @@ static PyObject *Ring_attach(RingObject *self, PyObject *args)
 static PyObject *Ring_detach(RingObject *self, PyObject *unused)
 {
     (void)unused;
-    if (self->exports > 0) {
-        PyErr_Format(PyExc_BufferError, "cannot close %U: zero-copy views of its memory are still "
-                     "alive; release them first", self->label);
-        return NULL;
-    }
-    if (self->active > 0) {
-        PyErr_Format(PyExc_BufferError, "cannot close %U: other threads are blocked in it", self->label);
-        return NULL;
-    }
+    if (self->exports > 0)
+        return fail(self, "detach_views", "()"), NULL;
+    /* Threads of this process only: a forked child inherits the count, not the threads. */
+    if (self->active > 0 && self->active_pid == owner_id())
+        return fail(self, "detach_threads", "()"), NULL;
     if (self->has_view) {
         self->has_view = 0;
         self->ctrl = self->ring = self->slot = NULL;
@@ -1542,12 +1790,8 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     RingObject *self = (RingObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    self->label = PyUnicode_FromString("queue");
-    self->hint = PyUnicode_FromString("");
-    if (self->label == NULL || self->hint == NULL) {
-        Py_DECREF(self);
-        return NULL;
-    }
+    self->label = Py_NewRef(Py_None);
+    self->hint = Py_NewRef(Py_None);
     return (PyObject *)self;
 }
 
@@ -1557,7 +1801,7 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static int Ring_getbuffer(RingObject *self, Py_buffer *view, int flags)
 {
     if (!self->has_view) {
-        PyErr_Format(PyExc_BufferError, "%U is closed in this process", self->label);
+        fail(self, "detached_buffer", "()");
         return -1;
     }
     if (PyBuffer_FillInfo(view, (PyObject *)self, self->view.buf, self->view.len, !self->writable, flags) < 0)
@@ -1589,6 +1833,8 @@ static PyMethodDef Ring_methods[] = {
     {"_abort", (PyCFunction)Ring_abort, METH_O, "_abort(position): drop a reserved record."},
     {"_take", (PyCFunction)(void (*)(void))Ring_take, METH_FASTCALL | METH_KEYWORDS, take_doc},
     {"_release", (PyCFunction)Ring_release, METH_O, "_release(position): free a taken record."},
+    {"_untake", (PyCFunction)Ring_untake, METH_O,
+     "_untake(position): give a taken record back to the consumers, unread."},
     {"_close_channel", (PyCFunction)Ring_close_channel, METH_NOARGS, "Mark the channel closed and wake everyone."},
     {"_recover", (PyCFunction)Ring_recover, METH_NOARGS, "Finish what dead owners left; True if anything changed."},
     {"_walk", (PyCFunction)Ring_walk, METH_NOARGS, "Cursors, depth and counters as a dict (read-only)."},
@@ -1621,7 +1867,8 @@ static PyTypeObject RingType = {
 /* ---- module functions ---------------------------------------------------------------------- */
 
 PyDoc_STRVAR(ring_init_doc, "ring_init(buffer, ctrl_offset, ring_offset, capacity, max_message)\n--\n\n"
-"Write an empty control block and the first VACANT marker (the creator, before publishing).");
+"Write an empty control block and the first VACANT marker (the creator, before publishing).\n"
+"queue.py validates the values first; impossible ones raise the factory's \"corrupt\" error.");
 
 static PyObject *py_ring_init(PyObject *module, PyObject *args)
 {
@@ -1631,14 +1878,10 @@ static PyObject *py_ring_init(PyObject *module, PyObject *args)
     unsigned long long cap, maxm;
     if (!PyArg_ParseTuple(args, "OnnKK", &buffer, &ctrl_off, &ring_off, &cap, &maxm))
         return NULL;
-    if (cap < 64 || (cap & 15) || cap > (1ULL << 42) || maxm > cap - 2 * HDR) {
-        PyErr_SetString(PyExc_ValueError, "impossible ring capacity or max_message");
-        return NULL;
-    }
-    if (ring_off < ctrl_off + SHMKIT_RING_CTRL_SIZE || (ring_off & 15) || (ctrl_off & 63)) {
-        PyErr_SetString(PyExc_ValueError, "bad ring offsets");
-        return NULL;
-    }
+    if (cap < 64 || (cap & 15) || cap > SHMKIT_RING_MAX_CAPACITY || maxm > cap - 2 * HDR)
+        return fail(NULL, "corrupt", "(sO)", "attach_params", Py_None), NULL;
+    if (ring_off < ctrl_off + SHMKIT_RING_CTRL_SIZE || (ring_off & 15) || (ctrl_off & 63) || ctrl_off < 0)
+        return fail(NULL, "corrupt", "(sO)", "attach_fit", Py_None), NULL;
     shmkit_window w;
     if (shmkit_window_get(buffer, ctrl_off, (ring_off - ctrl_off) + (Py_ssize_t)cap, 16, 1, &w) < 0)
         return NULL;
@@ -1651,22 +1894,14 @@ static PyObject *py_ring_init(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *py_ring_setup(PyObject *module, PyObject *args)
+static PyObject *py_ring_setup(PyObject *module, PyObject *factory)
 {
     (void)module;
-    PyObject *c, *e, *f, *cl, *tl;
-    if (!PyArg_ParseTuple(args, "OOOOO", &c, &e, &f, &cl, &tl))
+    if (!PyCallable_Check(factory)) {
+        PyErr_SetString(PyExc_TypeError, "ring_setup() needs a callable");
         return NULL;
-    Py_INCREF(c);
-    Py_XSETREF(exc_corrupt, c);
-    Py_INCREF(e);
-    Py_XSETREF(exc_empty, e);
-    Py_INCREF(f);
-    Py_XSETREF(exc_full, f);
-    Py_INCREF(cl);
-    Py_XSETREF(exc_closed, cl);
-    Py_INCREF(tl);
-    Py_XSETREF(exc_too_large, tl);
+    }
+    Py_XSETREF(error_factory, Py_NewRef(factory));
     Py_RETURN_NONE;
 }
 
@@ -1684,8 +1919,8 @@ static PyMethodDef ring_functions[] = {
     {"view_count", py_view_count, METH_O,
      "view_count(memoryview) -> int: memoryviews alive on the same managed buffer (this one included)."},
     {"ring_init", py_ring_init, METH_VARARGS, ring_init_doc},
-    {"ring_setup", py_ring_setup, METH_VARARGS,
-     "ring_setup(CorruptSegmentError, Empty, Full, QueueClosed, MessageTooLargeError): the classes Ring raises."},
+    {"ring_setup", py_ring_setup, METH_O,
+     "ring_setup(factory): factory(code, label, hint, *values) -> the exception Ring raises."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1693,22 +1928,26 @@ int shmkit_init_ring(PyObject *module)
 {
     if (PyType_Ready(&RingType) < 0)
         return -1;
+    /* A forked child has another pid: forget the cached one there. */
+    if (pthread_atfork(NULL, NULL, forget_pid) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+        return -1;
+    }
     Py_INCREF(&RingType);
     if (PyModule_AddObject(module, "Ring", (PyObject *)&RingType) < 0) {
         Py_DECREF(&RingType);
         return -1;
     }
-    /* Exceptions default to builtins until queue.py hands over shmkit's classes. */
-    exc_corrupt = Py_NewRef(PyExc_ValueError);
-    exc_empty = Py_NewRef(PyExc_LookupError);
-    exc_full = Py_NewRef(PyExc_OverflowError);
-    exc_closed = Py_NewRef(PyExc_EOFError);
-    exc_too_large = Py_NewRef(PyExc_ValueError);
     if (PyModule_AddIntConstant(module, "RING_CTRL_SIZE", SHMKIT_RING_CTRL_SIZE) < 0 ||
         PyModule_AddIntConstant(module, "RING_SLOTS", SHMKIT_RING_SLOTS) < 0 ||
         PyModule_AddIntConstant(module, "RING_SLOTS_OFFSET", C_SLOTS) < 0 ||
         PyModule_AddIntConstant(module, "RING_SLOT_SIZE", SLOT_SIZE) < 0 ||
         PyModule_AddIntConstant(module, "RING_RECORD_HEADER", HDR) < 0)
+        return -1;
+    PyObject *maxcap = PyLong_FromUnsignedLongLong(SHMKIT_RING_MAX_CAPACITY);
+    int rc = maxcap == NULL ? -1 : PyModule_AddObjectRef(module, "RING_MAX_CAPACITY", maxcap);
+    Py_XDECREF(maxcap);
+    if (rc < 0)
         return -1;
     return PyModule_AddFunctions(module, ring_functions);
 }
