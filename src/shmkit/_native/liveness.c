@@ -26,8 +26,13 @@ int shmkit_task_alive(uint32_t tid)
     char path[48], stat[512];
     snprintf(path, sizeof path, "/proc/%u/stat", tid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return errno == ENOENT || errno == ESRCH ? 0 : 1;
+    if (fd < 0) {
+        /* kill() saw the task, so a missing /proc entry means either that it exited since,
+         * or that /proc hides other users' processes (hidepid=2): ask kill() again. */
+        if (errno != ENOENT && errno != ESRCH)
+            return 1;
+        return !(kill((pid_t)tid, 0) < 0 && errno == ESRCH);
+    }
     ssize_t n = read(fd, stat, sizeof stat - 1);
     close(fd);
     if (n <= 0)
