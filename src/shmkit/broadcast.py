@@ -62,9 +62,7 @@ offset  size   field              meaning
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import re
 import struct
 import threading
 import time
@@ -87,6 +85,7 @@ from .errors import (
     describe,
     format_size,
 )
+from ._frames import DTYPE_STR, parse_descr
 from .layout import Kind
 from .segment import Segment
 
@@ -708,7 +707,7 @@ def _parse_array(buf, owner: str) -> tuple:
     """(dtype, shape, data offset, nbytes) of an array message; ValueError if it is not one.
 
     The frame comes from shared memory, which any process with write access may have
-    scribbled on: every field is checked, and the dtype text is parsed by `_parse_descr`
+    scribbled on: every field is checked, and the dtype text is parsed by `_frames.parse_descr`
     (bounded depth and size), never evaluated. `owner` names the channel in messages.
     """
     import numpy as np
@@ -725,11 +724,11 @@ def _parse_array(buf, owner: str) -> tuple:
     try:
         text = bytes(buf[_ARRAY_HEAD.size + 8 * ndim:end]).decode("utf-8")
         if kind == 0:
-            if not _DTYPE_STR.fullmatch(text):
+            if not DTYPE_STR.fullmatch(text):
                 raise ValueError("not a dtype string")
             dtype = np.dtype(text)
         else:
-            dtype = np.lib.format.descr_to_dtype(_parse_descr(text))
+            dtype = np.lib.format.descr_to_dtype(parse_descr(text))
     except (ValueError, TypeError, IndexError, KeyError, OverflowError, SyntaxError) as exc:
         # UnicodeDecodeError is a ValueError
         raise ValueError(f"{bad} (bad dtype: {exc})") from None
@@ -738,77 +737,6 @@ def _parse_array(buf, owner: str) -> tuple:
         raise ValueError(f"{bad} (shape {shape} and dtype {dtype} do not match its {size} "
                          f"bytes)")
     return dtype, tuple(shape), start, nbytes
-
-
-# The dtype text of a plain array is `dtype.str`: byte order, type code, size, unit.
-_DTYPE_STR = re.compile(r"[<>|=][A-Za-z][0-9]{0,10}(\[[0-9A-Za-z]{1,12}\])?")
-
-# A structured dtype travels as repr(numpy.lib.format.dtype_to_descr(dtype)): lists and
-# tuples of strings and integers. It is parsed here, not with ast.literal_eval: the text comes
-# from shared memory, and literal_eval turns deeply nested or long operator chains into
-# RecursionError or MemoryError (or worse on other Python versions).
-_ESCAPE = r"""\\(?:[\\'"abfnrtv]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})"""
-_DESCR_TOKENS = re.compile(rf"""\s*(?:
-    (?P<str>'(?:[^'\\\n]|{_ESCAPE})*'|"(?:[^"\\\n]|{_ESCAPE})*")
-  | (?P<int>-?[0-9]{{1,20}})
-  | (?P<punct>[()\[\],])
-)""", re.VERBOSE)
-_DESCR_DEPTH = 64
-
-
-def _parse_descr(text: str):
-    """The value of a dtype description written by repr(dtype_to_descr(...)).
-
-    Raises:
-        ValueError: anything but strings, integers, lists and tuples nested at most
-            _DESCR_DEPTH deep.
-    """
-    tokens = []
-    pos, end = 0, len(text)
-    while pos < end:
-        m = _DESCR_TOKENS.match(text, pos)
-        if m is None:
-            if text[pos:].isspace():
-                break
-            raise ValueError(f"unexpected character at {pos} in the dtype description")
-        if m.group("str") is not None:
-            # one flat string literal: its escapes are decoded by the Python parser
-            tokens.append(("value", ast.literal_eval(m.group("str"))))
-        elif m.group("int") is not None:
-            tokens.append(("value", int(m.group("int"))))
-        else:
-            tokens.append(("punct", m.group("punct")))
-        pos = m.end()
-    tokens.append(("end", None))
-
-    def value(i: int, depth: int):
-        kind, tok = tokens[i]
-        if kind == "value":
-            return tok, i + 1
-        if kind != "punct" or tok not in "([":
-            raise ValueError("malformed dtype description")
-        if depth >= _DESCR_DEPTH:
-            raise ValueError("dtype description nested too deeply")
-        close = ")" if tok == "(" else "]"
-        items, comma, i = [], False, i + 1
-        while tokens[i] != ("punct", close):
-            item, i = value(i, depth + 1)
-            items.append(item)
-            comma = tokens[i] == ("punct", ",")
-            if comma:
-                i += 1
-            elif tokens[i] != ("punct", close):
-                raise ValueError("malformed dtype description")
-        if tok == "[":
-            return items, i + 1
-        if len(items) == 1 and not comma:
-            return items[0], i + 1  # a parenthesised value, not a tuple
-        return tuple(items), i + 1
-
-    result, i = value(0, 0)
-    if tokens[i][0] != "end":
-        raise ValueError("malformed dtype description")
-    return result
 
 
 # ---------------------------------------------------------------------------------------------

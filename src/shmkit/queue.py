@@ -36,7 +36,6 @@ offset     size    field                  meaning
 
 from __future__ import annotations
 
-import ast
 import os
 import pickle
 import struct
@@ -54,6 +53,7 @@ from .errors import (
     describe,
     format_size,
 )
+from ._frames import DTYPE_STR, parse_descr
 from .segment import Segment, validate_mode
 
 __all__ = ["Queue", "describe_state"]
@@ -727,10 +727,12 @@ def _parse_array(view: memoryview, q: Queue):
     text = bytes(view[_ARRAY_HEAD.size + 8 * ndim:_ARRAY_HEAD.size + 8 * ndim + tlen]).decode()
     try:
         if kind == 0:
+            if not DTYPE_STR.fullmatch(text):
+                raise ValueError("not a dtype string")
             dtype = np.dtype(text)
         else:
-            dtype = np.lib.format.descr_to_dtype(ast.literal_eval(text))
-    except (ValueError, TypeError, SyntaxError) as exc:
+            dtype = np.lib.format.descr_to_dtype(parse_descr(text))
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError, SyntaxError) as exc:
         raise ValueError(f"{bad} (bad dtype {text!r})") from exc
     start = _pad16(_ARRAY_HEAD.size + 8 * ndim + tlen)
     count = 1
